@@ -1,0 +1,1 @@
+//! Inference threads, request queues, batching and the vision feature cache.

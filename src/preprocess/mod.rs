@@ -1,0 +1,1 @@
+//! Image decoding and normalisation, and the WordPiece tokenizer with mPLUG's conventions.

@@ -1,0 +1,1 @@
+//! gRPC services, authentication, health, reflection and metrics.

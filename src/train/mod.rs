@@ -1,0 +1,1 @@
+//! Fine-tuning with ITC, ITM and language-modelling losses, and evaluation.
