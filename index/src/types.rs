@@ -37,7 +37,9 @@ pub struct HnswParams {
     /// Width of the candidate list while inserting; at least `max_connections`. Default 200.
     pub ef_construction: usize,
     /// Width of the candidate list while searching when a request gives none; raised to `k`
-    /// when smaller. Default 96.
+    /// when smaller. Default 384, chosen so that recall@10 stays at or above 0.95 even on
+    /// unstructured random 256-d data; embeddings of real content reach that recall with a
+    /// much smaller value, which makes searches proportionally faster.
     pub ef_search: usize,
     /// Share of tombstoned graph nodes past which a background compaction rebuilds the graph
     /// without them, in `(0, 1]`. Default 0.25.
@@ -55,7 +57,7 @@ impl Default for HnswParams {
         Self {
             max_connections: 24,
             ef_construction: 200,
-            ef_search: 96,
+            ef_search: 384,
             compact_tombstone_ratio: 0.25,
             exact_scan_max_matches: 4096,
             exact_scan_fraction: 0.02,
