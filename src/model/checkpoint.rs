@@ -56,6 +56,12 @@ pub fn sniff_format(path: &Path) -> Result<CheckpointFormat> {
 
 /// Whether a (prefix-stripped) checkpoint key is never used by any task for this config.
 pub fn is_ignored(name: &str, cfg: &MplugConfig) -> bool {
+    is_ignored_always(name) || is_dead_fusion(name, cfg)
+}
+
+/// Keys no configuration uses: momentum copies, queues, buffers, `temp`, the CLIP text tower
+/// and projection, and the LM head's tied duplicates.
+pub fn is_ignored_always(name: &str) -> bool {
     let momentum = name.split('.').next().is_some_and(|m| m.ends_with("_m"));
     let buffers = name.ends_with("position_ids")
         || matches!(
@@ -66,7 +72,7 @@ pub fn is_ignored(name: &str, cfg: &MplugConfig) -> bool {
         && !name.starts_with("visual_encoder.visual."))
         || name == "visual_encoder.visual.proj";
     let tied = name.starts_with("text_decoder.cls.predictions.decoder.");
-    momentum || buffers || clip_unused || tied || is_dead_fusion(name, cfg)
+    momentum || buffers || clip_unused || tied
 }
 
 /// Fusion weights that exist in checkpoints but never run: the embeddings, layers below the

@@ -25,7 +25,7 @@ pub use config::{GenerationOptions, MplugConfig};
 pub use generate::Hypothesis;
 
 use bert::{first_token, TextDecoder, TextEncoder};
-use checkpoint::{is_ignored, read_tensors, TrackingBackend};
+use checkpoint::{is_ignored, is_ignored_always, read_tensors, TrackingBackend};
 use fusion::Fusion;
 use generate::{beam_search, SpecialTokens};
 use nn::{l2_normalize, Linear};
@@ -122,8 +122,7 @@ impl Mplug {
         dtype: DType,
     ) -> Result<(Self, LoadReport)> {
         let mut cfg = MplugConfig::from_file(config)?;
-        let probe = cfg.clone();
-        let (tensors, skipped) = read_tensors(checkpoint, |name| !is_ignored(name, &probe))?;
+        let (tensors, skipped) = read_tensors(checkpoint, |name| !is_ignored_always(name))?;
         cfg.resolve_from(&tensors, checkpoint)?;
         let names: Vec<String> = tensors.keys().cloned().collect();
         let backend = TrackingBackend::new(Arc::new(tensors), checkpoint);
