@@ -19,7 +19,7 @@ use crate::{Error, Result};
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 
 /// CLIP normalisation standard deviation per RGB channel.
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Default pixel cap: 64 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 64 * 1024 * 1024;
