@@ -14,6 +14,7 @@ pub mod generate;
 pub mod nn;
 pub mod vision;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -32,6 +33,16 @@ use nn::{l2_normalize, Linear};
 use vision::{VisionAdapter, VisionTransformer};
 
 use crate::{Error, Result};
+
+/// Tensors of a checkpoint, for [`Mplug::from_tensors`].
+pub struct LoadSource<'a> {
+    /// Float tensors by reference state-dict name.
+    pub tensors: HashMap<String, Tensor>,
+    /// Names present in the file but not read (always-ignored keys, integer buffers).
+    pub skipped: Vec<String>,
+    /// The file the tensors came from, for error messages.
+    pub path: &'a Path,
+}
 
 /// Which tasks to load modules for. The vision encoder is always loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,18 +132,35 @@ impl Mplug {
         device: &Device,
         dtype: DType,
     ) -> Result<(Self, LoadReport)> {
-        let mut cfg = MplugConfig::from_file(config)?;
+        let cfg = MplugConfig::from_file(config)?;
         let (tensors, skipped) = read_tensors(checkpoint, |name| !is_ignored_always(name))?;
-        cfg.resolve_from(&tensors, checkpoint)?;
-        let names: Vec<String> = tensors.keys().cloned().collect();
-        let backend = TrackingBackend::new(Arc::new(tensors), checkpoint);
+        let source = LoadSource {
+            tensors,
+            skipped,
+            path: checkpoint,
+        };
+        Self::from_tensors(cfg, source, tasks, device, dtype)
+    }
+
+    /// Builds the model from named tensors already in memory (names as in the reference state
+    /// dict), resolving `cfg`'s shape fields from them; errors name `source.path`.
+    pub fn from_tensors(
+        mut cfg: MplugConfig,
+        source: LoadSource,
+        tasks: Tasks,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, LoadReport)> {
+        cfg.resolve_from(&source.tensors, source.path)?;
+        let names: Vec<String> = source.tensors.keys().cloned().collect();
+        let backend = TrackingBackend::new(Arc::new(source.tensors), source.path);
         let model = Self::from_backend(&cfg, tasks, &backend, device, dtype)?;
 
         let mut report = LoadReport {
             consumed: backend.consumed(),
             ..LoadReport::default()
         };
-        for name in names.into_iter().chain(skipped) {
+        for name in names.into_iter().chain(source.skipped) {
             if report.consumed.contains(&name) {
                 continue;
             }
