@@ -425,3 +425,22 @@ fn garbage_file_is_a_checkpoint_error() {
     .expect_err("junk is rejected");
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
 }
+
+#[test]
+fn position_table_is_resized_to_the_configured_resolution() {
+    let path = tiny("tiny_base.safetensors");
+    let mut cfg = MplugConfig::from_file(&tiny("tiny_base.mplug.json")).unwrap();
+    cfg.vision.image_size = 96;
+    let (tensors, skipped) =
+        mplug_search::model::checkpoint::read_tensors(&path, |_| true).unwrap();
+    let source = LoadSource {
+        tensors,
+        skipped,
+        path: &path,
+    };
+    let (model, _) =
+        Mplug::from_tensors(cfg, source, Tasks::ALL, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(model.config().vision.num_tokens(), 37);
+    let pixels = Tensor::zeros((1, 3, 96, 96), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.encode_image(&pixels).unwrap().dims(), &[1, 37, 64]);
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use mplug_search::model::vision::resize_pos_embed;
 use mplug_search::model::{Hypothesis, Mplug, Tasks};
 
 const TOL: f32 = 1e-4;
@@ -75,6 +76,7 @@ impl Case {
 fn check_encoders(c: &Case) -> (Tensor, Tensor) {
     let m = &c.model;
     let pixels = c.g("pixel_values");
+    c.close("vision.ln_pre", &m.vision_embed(pixels).unwrap());
     c.close("vision.ln_post", &m.vision_tower(pixels).unwrap());
     let v = m.encode_image(pixels).unwrap();
     c.close("V", &v);
@@ -123,7 +125,48 @@ fn check_fusion(c: &Case, v: &Tensor, t: &Tensor) {
     c.close("fusion.V_out", &out.v);
     c.close("fusion.T_out", &out.t);
     c.close("fusion.T_out_cls", &out.t.i((.., 0)).unwrap());
-    c.close("itm_logits", &m.itm_logits(&out.t).unwrap());
+    let itm = m.itm_logits(&out.t).unwrap();
+    c.close("itm_logits", &itm);
+    check_retrieval(c, &itm);
+}
+
+/// The reference `evaluation()` with k_test = 2: ITM match logit for the top-k ITC
+/// candidates of each row, -100 elsewhere.
+fn check_retrieval(c: &Case, itm: &Tensor) {
+    let sims = c.g("sims").to_vec2::<f32>().unwrap();
+    let matched: Vec<f32> = itm.i((.., 1)).unwrap().to_vec1().unwrap();
+    let (n_img, n_txt) = (sims.len(), sims[0].len());
+    let pair = |i: usize, j: usize| matched[i * n_txt + j];
+    let top2 = |row: Vec<f32>| {
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        idx.truncate(2);
+        idx
+    };
+    let mut i2t = vec![vec![-100f32; n_txt]; n_img];
+    for (i, row) in i2t.iter_mut().enumerate() {
+        for j in top2(sims[i].clone()) {
+            row[j] = pair(i, j);
+        }
+    }
+    let mut t2i = vec![vec![-100f32; n_img]; n_txt];
+    for (j, row) in t2i.iter_mut().enumerate() {
+        for i in top2((0..n_img).map(|i| sims[i][j]).collect()) {
+            row[i] = pair(i, j);
+        }
+    }
+    for (name, got) in [("retrieval.score_i2t", i2t), ("retrieval.score_t2i", t2i)] {
+        let want = c.g(name).to_vec2::<f32>().unwrap();
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert_eq!(
+                *g == -100.0,
+                *w == -100.0,
+                "{}: {name} candidate pattern",
+                c.label
+            );
+            assert!((g - w).abs() <= TOL, "{}: {name} {g} vs {w}", c.label);
+        }
+    }
 }
 
 fn check_nbest(c: &Case, prefix: &str, got: &[Vec<Hypothesis>]) {
@@ -231,8 +274,15 @@ fn check_vqa(c: &Case, v: &Tensor) {
     check_nbest(c, "vqa", &hyps);
 }
 
+fn check_posemb(c: &Case) {
+    let table = c.g("posemb.resize_in");
+    c.close("posemb.resize_g6", &resize_pos_embed(table, 6).unwrap());
+    c.close("posemb.resize_g3", &resize_pos_embed(table, 3).unwrap());
+}
+
 fn check_all(cfg: &str, ext: &str) {
     let c = load(cfg, ext);
+    check_posemb(&c);
     let (v, t) = check_encoders(&c);
     check_fusion(&c, &v, &t);
     check_caption(&c, &v);

@@ -44,6 +44,28 @@ pub struct LoadSource<'a> {
     pub path: &'a Path,
 }
 
+/// When the config asks for a resolution whose grid differs from the checkpoint's position
+/// table, resizes the table bilinearly (class row kept), as the reference fine-tune loaders
+/// do. A config without `vision.image_size` keeps the checkpoint's grid.
+fn adapt_positions(cfg: &MplugConfig, tensors: &mut HashMap<String, Tensor>) -> Result<()> {
+    const TABLE: &str = "visual_encoder.visual.positional_embedding";
+    let patch = tensors
+        .get("visual_encoder.visual.conv1.weight")
+        .and_then(|w| w.dims().get(2).copied());
+    let (Some(patch), Some(table)) = (patch, tensors.get(TABLE)) else {
+        return Ok(());
+    };
+    if cfg.vision.image_size == 0 {
+        return Ok(());
+    }
+    let grid = cfg.vision.image_size / patch;
+    if table.dim(0)? != grid * grid + 1 {
+        let resized = vision::resize_pos_embed(table, grid)?;
+        tensors.insert(TABLE.to_string(), resized);
+    }
+    Ok(())
+}
+
 /// Which tasks to load modules for. The vision encoder is always loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tasks {
@@ -151,6 +173,8 @@ impl Mplug {
         device: &Device,
         dtype: DType,
     ) -> Result<(Self, LoadReport)> {
+        let mut source = source;
+        adapt_positions(&cfg, &mut source.tensors)?;
         cfg.resolve_from(&source.tensors, source.path)?;
         let names: Vec<String> = source.tensors.keys().cloned().collect();
         let backend = TrackingBackend::new(Arc::new(source.tensors), source.path);
@@ -248,6 +272,11 @@ impl Mplug {
     /// The vision tower alone: (B, 3, R, R) → (B, Lv, Wv) after `ln_post`.
     pub fn vision_tower(&self, pixels: &Tensor) -> Result<Tensor> {
         Ok(self.vision.forward(&pixels.to_dtype(self.dtype)?)?)
+    }
+
+    /// The vision tower's input tokens after `ln_pre` (B, Lv, Wv), before any block.
+    pub fn vision_embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(self.vision.embed(&pixels.to_dtype(self.dtype)?)?)
     }
 
     /// Image tokens V (B, Lv, H): the vision tower, then the width adapter when present.
