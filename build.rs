@@ -1,1 +1,2 @@
+//! Build script: nothing to generate yet.
 fn main() {}

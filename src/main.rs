@@ -1,1 +1,2 @@
+//! The mplug-search command line.
 fn main() {}
