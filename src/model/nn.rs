@@ -1,6 +1,9 @@
 //! Building blocks shared by every component: linear layers, layer norm, activations,
 //! attention and mask helpers. Each block has an inference path on candle's fused kernels
 //! and a differentiable path for training, chosen once at construction.
+//!
+//! TODO(dropout): the training path applies no dropout (the reference fine-tunes with
+//! p = 0.1 in BERT layers); add it behind the same switch when the trainer needs it.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};

@@ -187,7 +187,8 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One pass over `rows` rows of RGB8 pixels; `at(row, i)` reads source pixel `i` of a row.
+/// One horizontal pass over an RGB8 row `src` (pixel `i` at byte `i * stride`), appending the
+/// resampled pixels to `out`.
 fn resample_line(src: &[u8], coeff: &Coefficients, out: &mut Vec<u8>, stride: usize) {
     for (o, &(xmin, n)) in coeff.bounds.iter().enumerate() {
         let k = &coeff.weights[o * coeff.taps..o * coeff.taps + n];
