@@ -1,1 +1,17 @@
 //! gRPC services, authentication, health, reflection and metrics.
+
+pub mod codec;
+
+/// Code generated from `proto/mplug_search/v1/search.proto`.
+pub mod proto {
+    #![allow(
+        missing_docs,
+        reason = "generated code documents what the proto documents"
+    )]
+    #![allow(clippy::all, reason = "generated code")]
+    tonic::include_proto!("mplug_search.v1");
+
+    /// Encoded file descriptor set of the API, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("mplug_search_v1_descriptor");
+}
