@@ -15,6 +15,7 @@
 
 mod backend;
 mod cache;
+mod mplug;
 mod queue;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use backend::{
     VisionTokens,
 };
 pub use cache::{CacheStats, FeatureCache};
+pub use mplug::{parity_model_paths, ModelSource, MplugBackend};
 use queue::{BatchLimits, Call, EncodeJob, HeavyTask, QueueCounters};
 
 use crate::{Error, Result};
@@ -322,4 +324,263 @@ fn spawn(name: String, run: impl FnOnce() + Send + 'static) -> Result<JoinHandle
             path: name.into(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A backend whose outputs are simple functions of the inputs, which records batch
+    /// sizes and which blocks on inputs named "block" until released.
+    struct ScriptedBackend {
+        info: ModelInfo,
+        text_batches: Mutex<Vec<usize>>,
+        gate: Mutex<crossbeam_channel::Receiver<()>>,
+        blocked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ScriptedBackend {
+        fn new() -> (Arc<Self>, crossbeam_channel::Sender<()>) {
+            let (release, gate) = crossbeam_channel::unbounded();
+            let settings = GenerationSettings {
+                beam_size: 1,
+                min_length: 1,
+                max_length: 4,
+            };
+            let info = ModelInfo {
+                model_id: "scripted".into(),
+                embed_dim: 2,
+                caption_defaults: settings,
+                vqa_defaults: settings,
+            };
+            let backend = Self {
+                info,
+                text_batches: Mutex::new(Vec::new()),
+                gate: Mutex::new(gate),
+                blocked: Default::default(),
+            };
+            (Arc::new(backend), release)
+        }
+
+        fn wait_if_blocked(&self, input: &str) {
+            if input == "block" {
+                self.blocked
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let gate = self
+                    .gate
+                    .lock()
+                    .expect("gate lock is never poisoned in tests");
+                gate.recv().expect("test keeps the release sender alive");
+            }
+        }
+    }
+
+    impl Backend for ScriptedBackend {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+
+        fn decode_image(&self, _bytes: &[u8]) -> Result<RgbImage> {
+            Ok(RgbImage::new(1, 1))
+        }
+
+        fn encode_images(&self, images: &[RgbImage]) -> Result<Vec<ImageEncoding>> {
+            let tokens = Arc::new(VisionTokens::from_f32(&[1.0], 1, 1).expect("1x1 tokens"));
+            let encode = |image: &RgbImage| ImageEncoding {
+                embedding: vec![image.width() as f32, 0.0],
+                tokens: tokens.clone(),
+            };
+            Ok(images.iter().map(encode).collect())
+        }
+
+        fn encode_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+            self.text_batches
+                .lock()
+                .expect("no poisoning")
+                .push(texts.len());
+            texts.iter().for_each(|text| self.wait_if_blocked(text));
+            Ok(texts
+                .iter()
+                .map(|text| vec![text.len() as f32, 1.0])
+                .collect())
+        }
+
+        fn match_image_texts(&self, _: &VisionTokens, texts: &[String]) -> Result<Vec<ItmScore>> {
+            let score = |text: &String| ItmScore {
+                no_match: 0.0,
+                matched: text.len() as f32,
+            };
+            Ok(texts.iter().map(score).collect())
+        }
+
+        fn match_text_images(
+            &self,
+            text: &str,
+            images: &[Arc<VisionTokens>],
+        ) -> Result<Vec<ItmScore>> {
+            self.wait_if_blocked(text);
+            Ok(vec![
+                ItmScore {
+                    no_match: 0.0,
+                    matched: 1.0
+                };
+                images.len()
+            ])
+        }
+
+        fn caption(&self, _: &VisionTokens, _: &GenerationSettings) -> Result<Generated> {
+            Err(Error::ModuleNotLoaded { module: "decoder" })
+        }
+
+        fn answer(&self, _: &VisionTokens, _: &str, _: &GenerationSettings) -> Result<Generated> {
+            Err(Error::ModuleNotLoaded { module: "decoder" })
+        }
+    }
+
+    fn config() -> EngineConfig {
+        EngineConfig {
+            interactive_queue: 4,
+            bulk_queue: 4,
+            heavy_queue: 1,
+            batch_deadline: Duration::from_millis(200),
+            ..EngineConfig::default()
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime builds")
+    }
+
+    #[test]
+    fn concurrent_encodes_share_a_batch_and_get_their_own_outputs() {
+        let (backend, _release) = ScriptedBackend::new();
+        let engine = Engine::start(backend.clone(), &config()).expect("engine starts");
+        let texts = ["a", "bb", "ccc", "dddd"];
+
+        let answers = runtime().block_on(async {
+            let calls = texts
+                .iter()
+                .map(|text| engine.encode_texts(EncodeClass::Interactive, vec![text.to_string()]));
+            futures::future::join_all(calls).await
+        });
+
+        for (text, answer) in texts.iter().zip(answers) {
+            assert_eq!(
+                answer.expect("encode succeeds"),
+                vec![vec![text.len() as f32, 1.0]]
+            );
+        }
+        let batches = backend.text_batches.lock().expect("no poisoning").clone();
+        assert!(
+            batches.len() < texts.len(),
+            "expected batching, got batches {batches:?}"
+        );
+        assert_eq!(batches.iter().sum::<usize>(), texts.len());
+    }
+
+    #[test]
+    fn interactive_encodes_proceed_while_heavy_and_bulk_work_is_blocked() {
+        let (backend, release) = ScriptedBackend::new();
+        let engine = Engine::start(backend.clone(), &config()).expect("engine starts");
+        let rt = runtime();
+
+        let heavy_engine = engine.clone();
+        let heavy = rt.spawn(async move {
+            let tokens = Arc::new(VisionTokens::from_f32(&[0.0], 1, 1).expect("1x1"));
+            heavy_engine
+                .run_heavy(move |b| b.match_text_images("block", &[tokens]))
+                .await
+        });
+        let bulk_engine = engine.clone();
+        let bulk = rt.spawn(async move {
+            bulk_engine
+                .encode_texts(EncodeClass::Bulk, vec!["block".into()])
+                .await
+        });
+
+        wait_until(|| backend.blocked.load(std::sync::atomic::Ordering::SeqCst) == 2);
+        let quick = rt.block_on(engine.encode_texts(EncodeClass::Interactive, vec!["q".into()]));
+        assert_eq!(
+            quick.expect("interactive encode succeeds"),
+            vec![vec![1.0, 1.0]]
+        );
+        assert!(!heavy.is_finished() && !bulk.is_finished());
+
+        release.send(()).expect("gate is open");
+        release.send(()).expect("gate is open");
+        let heavy = rt
+            .block_on(heavy)
+            .expect("task joins")
+            .expect("heavy succeeds");
+        assert_eq!(heavy.len(), 1);
+        rt.block_on(bulk)
+            .expect("task joins")
+            .expect("bulk succeeds");
+    }
+
+    #[test]
+    fn full_queue_is_refused_and_abandoned_requests_are_skipped() {
+        let (backend, release) = ScriptedBackend::new();
+        let engine = Engine::start(backend.clone(), &config()).expect("engine starts");
+        let rt = runtime();
+        let block = |engine: Engine| async move {
+            let tokens = Arc::new(VisionTokens::from_f32(&[0.0], 1, 1).expect("1x1"));
+            engine
+                .run_heavy(move |b| b.match_text_images("block", &[tokens]))
+                .await
+        };
+
+        let running = rt.spawn(block(engine.clone()));
+        wait_until(|| backend.blocked.load(std::sync::atomic::Ordering::SeqCst) == 1);
+        let waiting = rt.spawn(block(engine.clone()));
+        wait_until(|| engine.queue_stats()[2].depth == 1);
+        let refused = rt.block_on(block(engine.clone()));
+        assert!(matches!(
+            refused,
+            Err(Error::QueueFull {
+                queue: "heavy",
+                capacity: 1
+            })
+        ));
+
+        waiting.abort();
+        assert!(
+            rt.block_on(waiting).is_err(),
+            "the waiting request was cancelled"
+        );
+        release.send(()).expect("gate is open");
+        rt.block_on(running)
+            .expect("task joins")
+            .expect("first heavy task succeeds");
+        wait_until(|| engine.queue_stats()[2].dropped == 1);
+        assert_eq!(backend.blocked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    fn wait_until(condition: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !condition() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "condition not reached in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn zero_sizes_are_rejected() {
+        let (backend, _release) = ScriptedBackend::new();
+        let config = EngineConfig {
+            max_batch: 0,
+            ..EngineConfig::default()
+        };
+        let error = Engine::start(backend, &config).expect_err("zero batch is invalid");
+        assert!(error.to_string().contains("max_batch"), "{error}");
+    }
 }

@@ -1,6 +1,7 @@
 //! gRPC services, authentication, health, reflection and metrics.
 
 pub mod codec;
+pub mod status;
 
 /// Code generated from `proto/mplug_search/v1/search.proto`.
 pub mod proto {
