@@ -1,6 +1,11 @@
 //! gRPC services, authentication, health, reflection and metrics.
 
+pub mod api;
+pub mod auth;
 pub mod codec;
+pub mod convert;
+pub mod ingest;
+pub mod settings;
 pub mod status;
 
 /// Code generated from `proto/mplug_search/v1/search.proto`.
