@@ -83,6 +83,11 @@ impl MplugBackend {
         })
     }
 
+    /// A copy of the model's facts, for use after the backend moves into the engine.
+    pub fn info_snapshot(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
     /// The checkpoint's model, for callers that need more than the backend's methods.
     pub fn model(&self) -> &Mplug {
         &self.model
