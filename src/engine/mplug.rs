@@ -14,7 +14,7 @@ use super::backend::{
     VisionTokens,
 };
 use crate::model::{GenerationOptions, Mplug, Tasks};
-use crate::preprocess::{ImagePreprocessor, MplugTokenizer};
+use crate::preprocess::{ImagePreprocessor, MplugTokenizer, TokenBatch};
 use crate::{Error, Result};
 
 /// Where the model comes from and what to load.
@@ -39,6 +39,7 @@ pub struct MplugBackend {
     device: Device,
     info: ModelInfo,
     length_penalty: (f64, f64),
+    vocab: (u32, u32),
 }
 
 impl MplugBackend {
@@ -73,6 +74,7 @@ impl MplugBackend {
             generation.caption.length_penalty,
             generation.vqa.length_penalty,
         );
+        let vocab = (cfg.text.vocab_size as u32, cfg.tokenizer.unk_id);
         Ok(Self {
             model,
             tokenizer,
@@ -80,6 +82,7 @@ impl MplugBackend {
             device,
             info,
             length_penalty,
+            vocab,
         })
     }
 
@@ -113,9 +116,22 @@ impl MplugBackend {
         Ok(xs.to_dtype(DType::F32)?)
     }
 
+    /// Token tensors with ids beyond the checkpoint's embedding table mapped to `[UNK]`:
+    /// a vocabulary file larger than the table (as with the tiny test checkpoints) must
+    /// degrade the text, not fail the request.
+    fn token_tensors(&self, mut batch: TokenBatch) -> Result<(Tensor, Tensor)> {
+        let (size, unk) = self.vocab;
+        for id in batch.ids.iter_mut().flatten() {
+            if *id >= size {
+                *id = unk;
+            }
+        }
+        batch.tensors(&self.device)
+    }
+
     fn itm(&self, texts: &[&str], v: &Tensor) -> Result<Vec<ItmScore>> {
         let batch = self.tokenizer.encode_retrieval(texts)?;
-        let (ids, mask) = batch.tensors(&self.device)?;
+        let (ids, mask) = self.token_tensors(batch)?;
         let t = self.model.encode_text(&ids, &mask)?;
         let (_, t_fused) = self.model.fuse(&t, &mask, v)?;
         let logits = self.model.itm_logits(&t_fused)?.to_vec2::<f32>()?;
@@ -192,7 +208,7 @@ impl Backend for MplugBackend {
     fn encode_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
         let batch = self.tokenizer.encode_retrieval(&texts)?;
-        let (ids, mask) = batch.tensors(&self.device)?;
+        let (ids, mask) = self.token_tensors(batch)?;
         let t = self.model.encode_text(&ids, &mask)?;
         Ok(self.model.text_embeds(&t)?.to_vec2::<f32>()?)
     }
@@ -230,7 +246,7 @@ impl Backend for MplugBackend {
     ) -> Result<Generated> {
         let v = self.tokens_tensor(&[image])?;
         let batch = self.tokenizer.encode_question(&[question], true)?;
-        let (ids, mask) = batch.tensors(&self.device)?;
+        let (ids, mask) = self.token_tensors(batch)?;
         let options = self.options(settings, self.length_penalty.1);
         self.best(self.model.answer(&v, &ids, &mask, &options)?)
     }

@@ -28,5 +28,6 @@ pub use run::{start, RunningServer};
 pub use settings::{Limits, ServerSettings, TlsFiles};
 
 /// Histogram buckets of every `_seconds` metric.
-pub const METRIC_BUCKETS_SECONDS: [f64; 12] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+pub const METRIC_BUCKETS_SECONDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];

@@ -57,8 +57,12 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
 
     let ready: ReadySlot = Arc::new(OnceLock::new());
     let (mut health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
-    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
 
     let api = Api::new(ready.clone(), settings.limits.clone());
     let max_message = settings.limits.max_message_bytes;
@@ -95,7 +99,9 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
     tokio::spawn(async move {
         let outcome = load(&settings, &load_slot).await;
         if outcome.is_ok() {
-            health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+            health
+                .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+                .await;
             health.set_service_status("", ServingStatus::Serving).await;
             tracing::info!("model loaded; serving");
         }
@@ -166,7 +172,11 @@ async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
         Ok(Collection::open(&dir, index_settings)?)
     })
     .await?;
-    tracing::info!(model = info.model_id, dimension = info.embed_dim, "collection open");
+    tracing::info!(
+        model = info.model_id,
+        dimension = info.embed_dim,
+        "collection open"
+    );
 
     let ready = Ready {
         engine,
@@ -193,10 +203,12 @@ async fn dump_periodically(ready: ReadySlot) {
 }
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
-    let read = |path: &Path| std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    });
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    };
     let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
     Ok(ServerTlsConfig::new().identity(identity))
 }

@@ -11,7 +11,10 @@ use crate::Error;
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = code_of(&error);
-        Status::new(code, error.to_string())
+        // Some sources append a captured backtrace on later lines; clients get the sentence.
+        let message = error.to_string();
+        let first_line = message.lines().next().unwrap_or_default();
+        Status::new(code, first_line)
     }
 }
 
