@@ -306,7 +306,7 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
                     }
                 }
                 Err(error) => {
-                    reader_progress.println(format!("{}: {error}", path.display()));
+                    reader_progress.suspend(|| eprintln!("{}: {error}", path.display()));
                     reader_progress.inc(1);
                 }
             }

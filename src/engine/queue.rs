@@ -157,8 +157,10 @@ fn drop_abandoned(batch: Vec<EncodeJob>, counters: &QueueCounters) -> Vec<Encode
     live
 }
 
-type ImageJob = (Vec<RgbImage>, Reply<Vec<ImageEncoding>>, Span, Instant);
-type TextJob = (Vec<String>, Reply<Vec<Vec<f32>>>, Span, Instant);
+/// Inputs of one request, its reply, its span and when it was queued.
+type Job<I, O> = (Vec<I>, Reply<Vec<O>>, Span, Instant);
+type ImageJob = Job<RgbImage, ImageEncoding>;
+type TextJob = Job<String, Vec<f32>>;
 
 fn run_batch(batch: Vec<EncodeJob>, backend: &dyn Backend) {
     let mut image_jobs: Vec<ImageJob> = Vec::new();
@@ -190,10 +192,7 @@ fn run_batch(batch: Vec<EncodeJob>, backend: &dyn Backend) {
 
 /// Runs all jobs of one kind as a single model call and splits the outputs back. When
 /// the joint call fails, each job is retried alone so that it gets its own error.
-fn run_grouped<I, O>(
-    jobs: Vec<(Vec<I>, Reply<Vec<O>>, Span, Instant)>,
-    encode: impl Fn(&[I]) -> Result<Vec<O>>,
-) {
+fn run_grouped<I, O>(jobs: Vec<Job<I, O>>, encode: impl Fn(&[I]) -> Result<Vec<O>>) {
     for (inputs, _, span, enqueued) in &jobs {
         span.in_scope(|| {
             let waited_ms = enqueued.elapsed().as_secs_f64() * 1e3;

@@ -114,12 +114,15 @@ pub(crate) enum ImageSource {
     },
 }
 
+/// Vision tokens computed for stored items, to be inserted in the cache.
+type FreshTokens = Vec<(String, Arc<VisionTokens>)>;
+
 /// Encodes pixel sources on the calling (engine) thread; returns the tokens in order and
 /// the newly computed ones that belong in the cache.
 fn materialize(
     backend: &dyn Backend,
     sources: Vec<ImageSource>,
-) -> Result<(Vec<Arc<VisionTokens>>, Vec<(String, Arc<VisionTokens>)>)> {
+) -> Result<(Vec<Arc<VisionTokens>>, FreshTokens)> {
     let mut pixels = Vec::new();
     for source in &sources {
         if let ImageSource::Pixels { image, .. } = source {
