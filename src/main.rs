@@ -230,11 +230,8 @@ async fn embed(args: mplug_search::cli::EmbedArgs) -> anyhow::Result<()> {
 }
 
 fn stats_json(stats: &proto::StatsResponse) -> serde_json::Value {
-    let queues: Vec<_> = stats
-        .queues
-        .iter()
-        .map(|q| json!({"name": q.name, "depth": q.depth, "capacity": q.capacity, "dropped": q.dropped}))
-        .collect();
+    let queue = |q: &proto::QueueStats| json!({"name": q.name, "depth": q.depth, "capacity": q.capacity, "dropped": q.dropped});
+    let queues: Vec<_> = stats.queues.iter().map(queue).collect();
     json!({
         "images": stats.images,
         "texts": stats.texts,

@@ -92,7 +92,8 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
     let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
     }));
-    tracing::info!(%addr, auth = settings.api_key.is_some(), tls = settings.tls.is_some(), "listening");
+    let (auth, tls) = (settings.api_key.is_some(), settings.tls.is_some());
+    tracing::info!(%addr, auth, tls, "listening");
 
     let (loaded_tx, loaded) = oneshot::channel();
     let load_slot = ready.clone();
