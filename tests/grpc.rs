@@ -325,14 +325,32 @@ async fn searches_run_during_an_ingest_and_data_survives_a_restart() {
         id: "bulk/7".into(),
         include_vector: false,
     };
+    let image_bytes = client
+        .get(item)
+        .await
+        .expect("item survived")
+        .into_inner()
+        .image_bytes;
+    assert!(image_bytes > 0);
+
+    // The feature cache starts empty after a restart: rerank recomputes from stored images.
+    let hits = client
+        .search(text_search("a square", 3, true))
+        .await
+        .expect("rerank");
+    assert!(hits
+        .into_inner()
+        .hits
+        .iter()
+        .all(|hit| hit.itm_score.is_some()));
+    let stats = client
+        .stats(proto::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
     assert!(
-        client
-            .get(item)
-            .await
-            .expect("item survived")
-            .into_inner()
-            .image_bytes
-            > 0
+        stats.cache_entries >= 3,
+        "recomputed features are cached: {stats:?}"
     );
     server.shutdown().await.expect("clean shutdown");
 }
