@@ -162,7 +162,10 @@ impl DumpDir {
     /// older dumps. On failure the previous dump stays current.
     pub fn write(&self, graph: &Graph, epoch: u64, params: &HnswParams) -> Result<()> {
         fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
-        let name = format!("dump-{epoch}-{}", std::process::id());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("dump-{epoch}-{nanos}");
         let dir = self.root.join(&name);
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| io_error(&dir, e))?;

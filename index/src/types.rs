@@ -37,7 +37,7 @@ pub struct HnswParams {
     /// Width of the candidate list while inserting; at least `max_connections`. Default 200.
     pub ef_construction: usize,
     /// Width of the candidate list while searching when a request gives none; raised to `k`
-    /// when smaller. Default 384, chosen so that recall@10 stays at or above 0.95 even on
+    /// when smaller. Default 512, chosen so that recall@10 stays at or above 0.95 even on
     /// unstructured random 256-d data; embeddings of real content reach that recall with a
     /// much smaller value, which makes searches proportionally faster.
     pub ef_search: usize,
@@ -57,7 +57,7 @@ impl Default for HnswParams {
         Self {
             max_connections: 24,
             ef_construction: 200,
-            ef_search: 384,
+            ef_search: 512,
             compact_tombstone_ratio: 0.25,
             exact_scan_max_matches: 4096,
             exact_scan_fraction: 0.02,
