@@ -126,6 +126,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Service's fault: the requested compute type is not available on the device.
+    #[error("dtype {dtype} is not supported on {device}: {reason}")]
+    UnsupportedDtype {
+        /// The requested dtype.
+        dtype: String,
+        /// The device it was requested on.
+        device: String,
+        /// What is missing and what to use instead.
+        reason: String,
+    },
+
     /// Service's fault: the engine stopped before answering.
     #[error("the inference engine is shutting down")]
     ShuttingDown,
