@@ -28,7 +28,8 @@ pub fn code_of(error: &Error) -> Code {
         Error::MissingTensor { .. }
         | Error::TensorShape { .. }
         | Error::Checkpoint { .. }
-        | Error::Config { .. } => Code::FailedPrecondition,
+        | Error::Config { .. }
+        | Error::UnsupportedDtype { .. } => Code::FailedPrecondition,
         Error::ModuleNotLoaded { .. } => Code::FailedPrecondition,
         Error::Tokenizer { .. } | Error::Candle(_) | Error::Io { .. } => Code::Internal,
         Error::Index(inner) => index_code(inner),
