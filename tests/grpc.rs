@@ -405,3 +405,25 @@ async fn odd_but_valid_images_are_indexed() {
     );
     server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_id_in_one_stream_keeps_the_last_content() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(dir.path(), None)).await;
+    let mut client = client(server.addr).await;
+    let items = vec![
+        text_item("note", "first version"),
+        text_item("other", "unrelated"),
+        text_item("note", "second version"),
+    ];
+    let results = ingest(&mut client, items).await;
+    assert_eq!(statuses(&results), vec![IngestStatus::Indexed; 3]);
+
+    let get = proto::GetRequest {
+        id: "note".into(),
+        include_vector: false,
+    };
+    let item = client.get(get).await.expect("get").into_inner();
+    assert_eq!(item.text, "second version");
+    server.shutdown().await.expect("clean shutdown");
+}

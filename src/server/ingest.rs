@@ -49,27 +49,60 @@ pub fn run(
 
 type Sender = mpsc::Sender<std::result::Result<proto::IngestResponse, Status>>;
 
+/// Items being processed, in arrival order, with their ids. An item whose id is already
+/// in flight is held back until that one is answered, so the later one wins.
+struct InFlight<F: std::future::Future> {
+    futures: FuturesOrdered<F>,
+    ids: std::collections::VecDeque<String>,
+    held: Option<proto::IngestRequest>,
+}
+
+impl<F: std::future::Future> InFlight<F> {
+    fn admit(&mut self, item: proto::IngestRequest, start: impl FnOnce(proto::IngestRequest) -> F) {
+        if self.ids.contains(&item.id) {
+            self.held = Some(item);
+            return;
+        }
+        self.ids.push_back(item.id.clone());
+        self.futures.push_back(start(item));
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len() + usize::from(self.held.is_some())
+    }
+}
+
 async fn pump(
     ready: Arc<Ready>,
     limits: Arc<Limits>,
     mut input: Streaming<proto::IngestRequest>,
     sender: Sender,
 ) {
-    let mut pending = FuturesOrdered::new();
+    let start = |item| ingest_one(ready.clone(), limits.clone(), item);
+    let mut flight = InFlight {
+        futures: FuturesOrdered::new(),
+        ids: Default::default(),
+        held: None,
+    };
     let (mut received, mut ended) = (0_u64, None);
-    while ended.is_none() || !pending.is_empty() {
+    while ended.is_none() || flight.len() > 0 {
+        let open = ended.is_none() && flight.held.is_none() && flight.len() < limits.ingest_window;
         tokio::select! {
-            Some(done) = pending.next(), if !pending.is_empty() => {
+            Some(done) = flight.futures.next(), if !flight.futures.is_empty() => {
+                flight.ids.pop_front();
+                if let Some(item) = flight.held.take() {
+                    flight.admit(item, start);
+                }
                 if sender.send(Ok(done)).await.is_err() {
                     tracing::info!(received, "client went away; in-flight items dropped");
                     return;
                 }
             }
-            next = input.message(), if ended.is_none() && pending.len() < limits.ingest_window => {
+            next = input.message(), if open => {
                 match next {
                     Ok(Some(item)) => {
                         received += 1;
-                        pending.push_back(ingest_one(ready.clone(), limits.clone(), item));
+                        flight.admit(item, start);
                     }
                     Ok(None) => ended = Some(None),
                     Err(status) => ended = Some(Some(status)),
