@@ -162,10 +162,9 @@ fn run(
         .expect("itc")
         .to_dtype(DType::F32)
         .expect("f32");
-    let v16 = v.repeat((CANDIDATES, 1, 1)).expect("repeat");
     let t = inp.t.to_dtype(dtype).expect("dtype");
     let (s, logits) = time(iters, || {
-        let (_, tf) = model.fuse(&t, &inp.t_mask, &v16).expect("fusion");
+        let (_, tf) = model.fuse(&t, &inp.t_mask, &v).expect("fusion");
         model.itm_logits(&tf).expect("itm")
     });
     rows.push(Row {

@@ -127,7 +127,29 @@ fn check_fusion(c: &Case, v: &Tensor, t: &Tensor) {
     c.close("fusion.T_out_cls", &out.t.i((.., 0)).unwrap());
     let itm = m.itm_logits(&out.t).unwrap();
     c.close("itm_logits", &itm);
+    check_shared_image(c, v, t);
     check_retrieval(c, &itm);
+}
+
+/// Reranking four texts against one image passed once (batch 1, shared keys/values) gives
+/// the same ITM logits as the image repeated per text (pairs 0..4 of the goldens).
+fn check_shared_image(c: &Case, v: &Tensor, t: &Tensor) {
+    let m = &c.model;
+    let (v0, mask) = (v.i(0..1).unwrap(), c.g("attention_mask"));
+    let (v_out, t_out) = m.fuse(t, mask, &v0).unwrap();
+    assert_eq!(v_out.dims(), &[4, v.dim(1).unwrap(), v.dim(2).unwrap()]);
+    let itm = m.itm_logits(&t_out).unwrap();
+    let want = c.g("itm_logits").i(0..4).unwrap();
+    let d = (itm - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("{}: shared-image ITM max|diff| = {d:.3e}", c.label);
+    assert!(d <= TOL, "{}: shared-image ITM differs by {d}", c.label);
 }
 
 /// The reference `evaluation()` with k_test = 2: ITM match logit for the top-k ITC

@@ -120,6 +120,25 @@ impl BertAttention {
         self.norm.forward(&(self.dense.forward(&ctx)? + xs)?)
     }
 
+    /// Unmasked attention from every row of `xs` (B, Lq, H) to one shared key/value source
+    /// `kv` (1, Lk, W): the projection runs once and all rows' queries share one matmul.
+    pub fn forward_shared(&self, xs: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let (b, lq, h) = xs.dims3()?;
+        let heads = self.heads;
+        let d = h / heads;
+        let (k, v) = self.project_kv(kv)?;
+        let q = self
+            .query
+            .forward(xs)?
+            .reshape((b * lq, heads, d))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let ctx = attention(&q, &k, &v, None, self.differentiable)?;
+        let ctx = ctx.reshape((b, lq, h))?;
+        self.norm.forward(&(self.dense.forward(&ctx)? + xs)?)
+    }
+
     /// `attend` with keys and values projected from `kv`.
     pub fn forward(&self, xs: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (k, v) = self.project_kv(kv)?;

@@ -64,7 +64,9 @@ impl Fusion {
     }
 
     /// Fuses text `t` (B, Lt, H) under 0/1 `t_mask` (B, Lt) with vision `v` (B, Lv, H)
-    /// (all vision tokens valid). `on_layer` sees each live layer's output: (B, Lt, H) for
+    /// (all vision tokens valid). A `v` of batch 1 is shared by every text row (a rerank of
+    /// B candidates against one image): its keys and values are projected once until a
+    /// connected layer makes the vision stream row-specific. `on_layer` sees each live layer's output: (B, Lt, H) for
     /// co-attention, concat(v, t) before the split for connected layers.
     pub fn forward_with(
         &self,
@@ -74,7 +76,9 @@ impl Fusion {
         mut on_layer: impl FnMut(usize, &Tensor),
     ) -> Result<FusionOutput> {
         let dtype = t.dtype();
-        let (b, lv, _) = v.dims3()?;
+        let b = t.dim(0)?;
+        let (vb, lv, h) = v.dims3()?;
+        let mut shared = vb == 1 && b > 1;
         let text_mask = additive_mask(t_mask, self.masks.text, dtype)?;
         let ones = Tensor::ones((b, lv), t_mask.dtype(), t.device())?;
         let image_mask = additive_mask(&ones, self.masks.image, dtype)?;
@@ -82,6 +86,10 @@ impl Fusion {
         let (mut v, mut t) = (v.clone(), t.clone());
         for (k, layer) in self.layers.iter().enumerate() {
             if self.connected[k] {
+                if shared {
+                    v = v.broadcast_as((b, lv, h))?.contiguous()?;
+                    shared = false;
+                }
                 let x = Tensor::cat(&[&v, &t], 1)?;
                 let a = layer.attention.forward(&x, &x, Some(&joint_mask))?;
                 let y = layer.ffn.forward(&a)?;
@@ -93,10 +101,17 @@ impl Fusion {
                 let cross = layer.crossattention.as_ref().ok_or_else(|| {
                     candle_core::Error::Msg("co-attention layer without cross-attention".into())
                 })?;
-                let c = cross.forward(&a, &v, Some(&image_mask))?;
+                let c = if shared {
+                    cross.forward_shared(&a, &v)?
+                } else {
+                    cross.forward(&a, &v, Some(&image_mask))?
+                };
                 t = layer.ffn.forward(&c)?;
                 on_layer(k, &t);
             }
+        }
+        if shared {
+            v = v.broadcast_as((b, lv, h))?;
         }
         Ok(FusionOutput { v, t })
     }

@@ -333,7 +333,9 @@ impl Mplug {
         Ok(l2_normalize(&heads.text_proj.forward(&first_token(t)?)?)?)
     }
 
-    /// Fuses T (B, Lt, H) under its 0/1 mask with V (B, Lv, H); returns (V', T').
+    /// Fuses T (B, Lt, H) under its 0/1 mask with V (B, Lv, H); returns (V', T'), both with
+    /// batch B. V may have batch 1 to rerank B texts against one image: it is then shared
+    /// without being copied per text, which is much cheaper than repeating it.
     pub fn fuse(&self, t: &Tensor, t_mask: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let out = self.fusion()?.forward(t, t_mask, v)?;
         Ok((out.v, out.t))
