@@ -217,7 +217,8 @@ impl Backend for MplugBackend {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let v = self.tokens_tensor(&[image])?.repeat((texts.len(), 1, 1))?;
+        // A batch-1 V is shared by every text row inside the fusion (no copy per text).
+        let v = self.tokens_tensor(&[image])?;
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
         self.itm(&texts, &v)
     }
