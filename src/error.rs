@@ -140,4 +140,17 @@ pub enum Error {
     /// Service's fault: the engine stopped before answering.
     #[error("the inference engine is shutting down")]
     ShuttingDown,
+
+    /// Service's fault (retry later): the model is still loading.
+    #[error("the model is still loading; retry when health reports SERVING")]
+    NotReady,
+
+    /// Service's fault: a worker task panicked or was cancelled.
+    #[error("{task} task failed: {reason}")]
+    TaskFailed {
+        /// What the task was doing.
+        task: &'static str,
+        /// The panic or cancellation message.
+        reason: String,
+    },
 }
