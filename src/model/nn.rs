@@ -1,0 +1,223 @@
+//! Building blocks shared by every component: linear layers, layer norm, activations,
+//! attention and mask helpers. Each block has an inference path on candle's fused kernels
+//! and a differentiable path for training, chosen once at construction.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use super::config::Activation;
+
+/// Initialisation used when a [`VarBuilder`] creates fresh variables (training from scratch).
+pub const WEIGHT_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
+/// `y = x Wᵀ + b` over the last dimension of an input of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` (out, in) and, when `bias` is true, `bias` (out).
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", WEIGHT_INIT)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Builds the layer from tensors already at hand.
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_dim.max(1);
+        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let ys = match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        ys.reshape(out)
+    }
+}
+
+/// Layer normalisation over the last dimension with affine weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    differentiable: bool,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of width `dim`.
+    pub fn new(dim: usize, eps: f64, differentiable: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            eps,
+            differentiable,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !self.differentiable {
+            let xs = xs.contiguous()?;
+            return candle_nn::ops::layer_norm(&xs, &self.weight, &self.bias, self.eps as f32);
+        }
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centred = xs.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Applies an [`Activation`].
+pub fn activate(xs: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Gelu => xs.gelu_erf(),
+        Activation::QuickGelu => xs.broadcast_mul(&candle_nn::ops::sigmoid(&(xs * 1.702)?)?),
+    }
+}
+
+/// Softmax over the last dimension: fused for inference, composed of differentiable ops
+/// for training.
+pub fn softmax_last(xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
+    }
+}
+
+/// Scaled dot-product attention. `q` is (B, H, Lq, d), `k`/`v` are (B, H, Lk, d), `mask` is
+/// additive and broadcastable to (B, H, Lq, Lk). Returns (B, Lq, H·d).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = softmax_last(&scores, differentiable)?;
+    probs
+        .matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, lq, h * d))
+}
+
+/// Splits (B, L, H·d) into (B, H, L, d), contiguous.
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, w) = xs.dims3()?;
+    xs.reshape((b, l, heads, w / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Turns a (B, L) 0/1 mask of any dtype into an additive (B, 1, 1, L) mask
+/// `(1 - m) * constant` in `dtype`.
+pub fn additive_mask(mask: &Tensor, constant: f64, dtype: DType) -> Result<Tensor> {
+    let (b, l) = mask.dims2()?;
+    let m = mask.to_dtype(DType::F32)?;
+    let inverted = (m.ones_like()? - m)?;
+    (inverted * constant)?
+        .to_dtype(dtype)?
+        .reshape((b, 1, 1, l))
+}
+
+/// An additive (B, 1, L, L) mask that combines a causal pattern with a (B, L) padding mask,
+/// as BERT decoders build it: `(1 - causal·m) * constant`.
+pub fn causal_mask(mask: &Tensor, constant: f64, dtype: DType) -> Result<Tensor> {
+    let (b, l) = mask.dims2()?;
+    let dev = mask.device();
+    let rows = Tensor::arange(0u32, l as u32, dev)?.reshape((l, 1))?;
+    let cols = Tensor::arange(0u32, l as u32, dev)?.reshape((1, l))?;
+    let causal = cols.broadcast_le(&rows)?.to_dtype(DType::F32)?;
+    let m = mask.to_dtype(DType::F32)?.reshape((b, 1, 1, l))?;
+    let allowed = causal.reshape((1, 1, l, l))?.broadcast_mul(&m)?;
+    ((allowed.ones_like()? - allowed)? * constant)?.to_dtype(dtype)
+}
+
+/// Row-wise L2 normalisation of a (B, E) tensor, as `F.normalize` with eps 1e-12.
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    xs.broadcast_div(&norm.clamp(1e-12, f64::INFINITY)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn differentiable_layer_norm_matches_fused() -> Result<()> {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (3, 5, 8), &dev)?;
+        let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
+        let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
+        let mut ln = LayerNorm {
+            weight: w,
+            bias: b,
+            eps: 1e-5,
+            differentiable: false,
+        };
+        let fused = ln.forward(&xs)?;
+        ln.differentiable = true;
+        let slow = ln.forward(&xs)?;
+        let diff = (fused - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "layer norms differ by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn causal_mask_blocks_future_and_padding() -> Result<()> {
+        let dev = Device::Cpu;
+        let mask = Tensor::new(&[[1u32, 1, 0]], &dev)?;
+        let m = causal_mask(&mask, -100.0, DType::F32)?;
+        let rows = m.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+        assert_eq!(rows[0], vec![0.0, -100.0, -100.0]);
+        assert_eq!(rows[1], vec![0.0, 0.0, -100.0]);
+        assert_eq!(rows[2], vec![0.0, 0.0, -100.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn l2_normalize_gives_unit_rows() -> Result<()> {
+        let xs = Tensor::new(&[[3f32, 4.0], [0.0, 2.0]], &Device::Cpu)?;
+        let n = l2_normalize(&xs)?.to_vec2::<f32>()?;
+        assert_eq!(n, vec![vec![0.6, 0.8], vec![0.0, 1.0]]);
+        Ok(())
+    }
+}
