@@ -10,7 +10,7 @@ use crate::model::config::{
 use crate::model::MplugConfig;
 
 /// Sizes of a model trained from scratch. The defaults give the embedded easy-VQA model
-/// (about 1.26 M parameters).
+/// (about 0.52 M parameters).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelShape {
     /// Identifier written to the config (collections record it).
@@ -26,20 +26,20 @@ pub struct ModelShape {
     pub image_size: usize,
 
     /// Patch edge in pixels (image_size / patch_size patches per side).
-    #[arg(long, env = "MPLUG_TRAIN_PATCH_SIZE", default_value_t = 16)]
+    #[arg(long, env = "MPLUG_TRAIN_PATCH_SIZE", default_value_t = 8)]
     pub patch_size: usize,
 
     /// Vision transformer width.
-    #[arg(long, env = "MPLUG_TRAIN_VISION_WIDTH", default_value_t = 96)]
+    #[arg(long, env = "MPLUG_TRAIN_VISION_WIDTH", default_value_t = 64)]
     pub vision_width: usize,
 
     /// Vision transformer blocks.
-    #[arg(long, env = "MPLUG_TRAIN_VISION_LAYERS", default_value_t = 3)]
+    #[arg(long, env = "MPLUG_TRAIN_VISION_LAYERS", default_value_t = 2)]
     pub vision_layers: usize,
 
     /// Text-side hidden width (text encoder, fusion, decoder); a width adapter maps the
     /// vision tokens to it when it differs from the vision width.
-    #[arg(long, env = "MPLUG_TRAIN_HIDDEN", default_value_t = 96)]
+    #[arg(long, env = "MPLUG_TRAIN_HIDDEN", default_value_t = 64)]
     pub hidden: usize,
 
     /// Attention heads of every transformer (vision and text side).
@@ -55,7 +55,7 @@ pub struct ModelShape {
     pub fusion_layers: usize,
 
     /// Fusion stride: live layer k != 0 with k % stride == 0 is a connected-attention layer.
-    #[arg(long, env = "MPLUG_TRAIN_STRIDE_LAYER", default_value_t = 1)]
+    #[arg(long, env = "MPLUG_TRAIN_STRIDE_LAYER", default_value_t = 2)]
     pub stride_layer: usize,
 
     /// Decoder layers.

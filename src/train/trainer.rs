@@ -61,7 +61,7 @@ pub struct TrainArgs {
     pub out: PathBuf,
 
     /// Passes over the training images.
-    #[arg(long, env = "MPLUG_TRAIN_EPOCHS", default_value_t = 18)]
+    #[arg(long, env = "MPLUG_TRAIN_EPOCHS", default_value_t = 12)]
     pub epochs: usize,
 
     /// Stop after this many optimiser steps even if epochs remain (0: no limit).
