@@ -126,7 +126,31 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Service's fault: the requested compute type is not available on the device.
+    #[error("dtype {dtype} is not supported on {device}: {reason}")]
+    UnsupportedDtype {
+        /// The requested dtype.
+        dtype: String,
+        /// The device it was requested on.
+        device: String,
+        /// What is missing and what to use instead.
+        reason: String,
+    },
+
     /// Service's fault: the engine stopped before answering.
     #[error("the inference engine is shutting down")]
     ShuttingDown,
+
+    /// Service's fault (retry later): the model is still loading.
+    #[error("the model is still loading; retry when health reports SERVING")]
+    NotReady,
+
+    /// Service's fault: a worker task panicked or was cancelled.
+    #[error("{task} task failed: {reason}")]
+    TaskFailed {
+        /// What the task was doing.
+        task: &'static str,
+        /// The panic or cancellation message.
+        reason: String,
+    },
 }

@@ -4,6 +4,7 @@
 //! [`server`] → [`engine`] → [`model`] / [`preprocess`], and [`server`] → `mplug_index`.
 //! The model never sees gRPC and the index never sees the model.
 
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -1,1 +1,340 @@
-fn main() {}
+//! The `mplug-search` command: serve, index a directory, search, caption, ask, embed, stats.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use mplug_search::cli::{Cli, ClientArgs, Command, IndexArgs, SearchArgs};
+use mplug_search::server::proto::{
+    self, image_input, ingest_request::Content, mplug_search_client::MplugSearchClient,
+    search_request::Query, IngestStatus,
+};
+use mplug_search::server::{start, RunningServer};
+use serde_json::json;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// File extensions `index` picks up.
+const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "gif"];
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(args.settings()?).await,
+        Command::Index(args) => index(args).await,
+        Command::Search(args) => search(args).await,
+        Command::Caption(args) => {
+            let image = image_file(&args.file)?;
+            let request = proto::CaptionRequest {
+                image: Some(image),
+                params: None,
+            };
+            with_client(&args.client, |mut client| async move {
+                let answer = client.caption(request).await?.into_inner();
+                println!("{}", answer.text);
+                Ok(())
+            })
+            .await
+        }
+        Command::Ask(args) => {
+            let image = image_file(&args.file)?;
+            let request = proto::AskRequest {
+                image: Some(image),
+                question: args.question,
+                params: None,
+            };
+            with_client(&args.client, |mut client| async move {
+                println!("{}", client.ask(request).await?.into_inner().text);
+                Ok(())
+            })
+            .await
+        }
+        Command::Embed(args) => embed(args).await,
+        Command::Stats(args) => {
+            with_client(&args, |mut client| async move {
+                let stats = client.stats(proto::StatsRequest {}).await?.into_inner();
+                println!("{}", serde_json::to_string_pretty(&stats_json(&stats))?);
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+async fn serve(settings: mplug_search::server::ServerSettings) -> anyhow::Result<()> {
+    let mut server = start(settings).await.context("cannot start the server")?;
+    server
+        .wait_ready()
+        .await
+        .context("cannot load the model or the collection")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for ctrl-c")?;
+    tracing::info!("shutting down");
+    server.shutdown().await.context("shutdown failed")?;
+    Ok(())
+}
+
+/// Adds the API key to every request.
+#[derive(Clone)]
+struct KeyHeader(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for KeyHeader {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = MplugSearchClient<InterceptedService<Channel, KeyHeader>>;
+
+/// Connects to `--server`, or starts an embedded server when `--data-dir` is given, runs
+/// `work` and stops the embedded server.
+async fn with_client<F, Fut>(args: &ClientArgs, work: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut embedded: Option<RunningServer> = None;
+    let url = match args.embedded_settings() {
+        Some(settings) => {
+            let mut server = start(settings)
+                .await
+                .context("cannot start the embedded server")?;
+            server
+                .wait_ready()
+                .await
+                .context("cannot load the model or the collection")?;
+            let url = format!("http://{}", server.addr);
+            embedded = Some(server);
+            url
+        }
+        None => args.server.clone(),
+    };
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("invalid server url {url}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let key = match &args.api_key {
+        Some(key) => Some(
+            format!("Bearer {key}")
+                .parse()
+                .context("api key is not ASCII")?,
+        ),
+        None => None,
+    };
+    let client = MplugSearchClient::with_interceptor(channel, KeyHeader(key))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let outcome = work(client).await;
+    if let Some(server) = embedded {
+        server
+            .shutdown()
+            .await
+            .context("embedded server shutdown failed")?;
+    }
+    outcome
+}
+
+fn image_file(path: &Path) -> anyhow::Result<proto::ImageInput> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    Ok(proto::ImageInput {
+        source: Some(image_input::Source::Data(bytes)),
+    })
+}
+
+async fn search(args: SearchArgs) -> anyhow::Result<()> {
+    let query = match (&args.text, &args.image) {
+        (Some(text), None) => Query::Text(text.clone()),
+        (None, Some(path)) => {
+            Query::Image(std::fs::read(path).with_context(|| format!("{}", path.display()))?)
+        }
+        _ => bail!("give a query text or --image FILE"),
+    };
+    let mut filter = HashMap::new();
+    for pair in &args.filter {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("{pair}: expected key=value"))?;
+        filter.insert(key.to_string(), value.to_string());
+    }
+    let request = proto::SearchRequest {
+        query: Some(query),
+        k: args.k,
+        rerank: args.rerank,
+        rerank_k: args.rerank_k,
+        filter,
+        target_kinds: Vec::new(),
+    };
+    with_client(&args.client, |mut client| async move {
+        for hit in client.search(request).await?.into_inner().hits {
+            let line = json!({
+                "id": hit.id,
+                "kind": hit.kind().as_str_name(),
+                "itc_score": hit.itc_score,
+                "itm_score": hit.itm_score,
+                "metadata": hit.metadata,
+            });
+            println!("{line}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn embed(args: mplug_search::cli::EmbedArgs) -> anyhow::Result<()> {
+    let image = match &args.image {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("{}", path.display()))?),
+        None => None,
+    };
+    let text = args.text.clone();
+    with_client(&args.client, |mut client| async move {
+        let answer = match (image, text) {
+            (Some(image), _) => {
+                client
+                    .embed_image(proto::EmbedImageRequest { image })
+                    .await?
+            }
+            (None, Some(text)) => client.embed_text(proto::EmbedTextRequest { text }).await?,
+            (None, None) => bail!("give --image FILE or --text TEXT"),
+        };
+        println!("{}", serde_json::to_string(&answer.into_inner().vector)?);
+        Ok(())
+    })
+    .await
+}
+
+fn stats_json(stats: &proto::StatsResponse) -> serde_json::Value {
+    let queue = |q: &proto::QueueStats| json!({"name": q.name, "depth": q.depth, "capacity": q.capacity, "dropped": q.dropped});
+    let queues: Vec<_> = stats.queues.iter().map(queue).collect();
+    json!({
+        "images": stats.images,
+        "texts": stats.texts,
+        "model_id": stats.model_id,
+        "dimension": stats.dimension,
+        "queues": queues,
+        "cache_hit_ratio": stats.cache_hit_ratio,
+        "cache_bytes": stats.cache_bytes,
+        "cache_budget_bytes": stats.cache_budget_bytes,
+        "cache_entries": stats.cache_entries,
+        "tombstones": stats.tombstones,
+        "bytes_on_disk": stats.bytes_on_disk,
+    })
+}
+
+/// Image files under `dir`, sorted, with their ids (relative paths with `/`).
+fn image_files(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                eprintln!("{}: {error}", error.path().unwrap_or(dir).display());
+                continue;
+            }
+        };
+        let extension = entry
+            .path()
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_lowercase);
+        let wanted = extension.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()));
+        if !entry.file_type().is_file() || !wanted {
+            continue;
+        }
+        let Ok(relative) = entry.path().strip_prefix(dir) else {
+            continue;
+        };
+        let id: Vec<String> = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        files.push((entry.path().to_owned(), id.join("/")));
+    }
+    files
+}
+
+async fn index(args: IndexArgs) -> anyhow::Result<()> {
+    let files = image_files(&args.dir);
+    let progress = ProgressBar::new(files.len() as u64);
+    let style = ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
+        .context("invalid progress template")?;
+    progress.set_style(style);
+
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    let reader_progress = progress.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        for (path, id) in files {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let metadata = HashMap::from([("path".to_string(), id.clone())]);
+                    let item = proto::IngestRequest {
+                        id,
+                        content: Some(Content::Image(bytes)),
+                        metadata,
+                    };
+                    if sender.blocking_send(item).is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    reader_progress.suspend(|| eprintln!("{}: {error}", path.display()));
+                    reader_progress.inc(1);
+                }
+            }
+        }
+    });
+
+    let root = args.dir.clone();
+    with_client(&args.client, |mut client| async move {
+        let input = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        let mut results = client.ingest(input).await?.into_inner();
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        while let Some(result) = results.next().await {
+            let result = result?;
+            let status = result.status();
+            if status == IngestStatus::Rejected {
+                progress.println(format!(
+                    "{}: {}",
+                    root.join(&result.id).display(),
+                    result.reason
+                ));
+            }
+            *counts.entry(status.as_str_name()).or_default() += 1;
+            progress.inc(1);
+        }
+        progress.finish();
+        let mut summary: Vec<_> = counts.into_iter().collect();
+        summary.sort();
+        println!("{}", json!(summary.into_iter().collect::<HashMap<_, _>>()));
+        Ok(())
+    })
+    .await?;
+    reader.await.context("file reader failed")?;
+    Ok(())
+}

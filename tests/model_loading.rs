@@ -444,3 +444,18 @@ fn position_table_is_resized_to_the_configured_resolution() {
     let pixels = Tensor::zeros((1, 3, 96, 96), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.encode_image(&pixels).unwrap().dims(), &[1, 37, 64]);
 }
+
+#[test]
+fn half_precision_on_cpu_is_refused_up_front() {
+    for dtype in [DType::BF16, DType::F16] {
+        let err = Mplug::load(
+            &tiny("tiny_large.safetensors"),
+            &tiny("tiny_large.mplug.json"),
+            Tasks::ALL,
+            &Device::Cpu,
+            dtype,
+        )
+        .expect_err("no half-precision matmul on the CPU backend");
+        assert!(matches!(err, Error::UnsupportedDtype { .. }), "{err}");
+    }
+}

@@ -308,3 +308,13 @@ fn tiny_large_safetensors_matches_reference() {
 fn tiny_large_pth_matches_reference() {
     check_all("tiny_large", "pth");
 }
+
+#[test]
+fn tiny_base_modelscope_bin_matches_reference() {
+    check_all("tiny_base", "modelscope.bin");
+}
+
+#[test]
+fn tiny_large_module_pth_matches_reference() {
+    check_all("tiny_large", "module.pth");
+}

@@ -1,15 +1,44 @@
-//! Durable vector index: HNSW (hnsw_rs) over items stored in sled. The graph is a cache of
-//! what sled holds.
+//! Durable vector index: an HNSW graph (hnsw_rs) over items stored in sled.
+//!
+//! sled is the source of truth. Every write batch is applied atomically, bumps the
+//! collection's write epoch and is flushed before it is acknowledged. The graph is a cache
+//! of what sled holds: its nodes are numbered by slots, a slot is never reused, and deletes
+//! or updates tombstone the old slot so searches skip it until a compaction rebuilds the
+//! graph. The graph is dumped with the epoch it reflects and reloaded on open when that
+//! epoch still matches, otherwise rebuilt from sled.
+//!
+//! ```no_run
+//! use mplug_index::{Collection, Settings, Metric, HnswParams, SearchRequest, Filter};
+//! # fn main() -> mplug_index::Result<()> {
+//! let settings = Settings {
+//!     dimension: 256,
+//!     metric: Metric::Cosine,
+//!     hnsw: HnswParams::default(),
+//!     model_id: "mplug-base".into(),
+//! };
+//! let collection = Collection::open(std::path::Path::new("/tmp/c"), settings)?;
+//! let query = vec![0.1f32; 256];
+//! let request = SearchRequest { vector: &query, k: 10, ef: None, filter: Filter::default(),
+//!                               exact: false };
+//! let hits = collection.search(&request)?;
+//! # drop(hits);
+//! collection.close()
+//! # }
+//! ```
 
-/// Errors raised by the index.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Service's fault: the storage layer failed.
-    #[error("storage failure at {path}: {reason}")]
-    Storage {
-        /// Collection directory.
-        path: std::path::PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-}
+mod collection;
+mod error;
+mod graph;
+mod search;
+mod slots;
+mod store;
+mod types;
+mod vector;
+
+pub use collection::{Collection, MAX_DIMENSION, MAX_ID_BYTES};
+pub use error::{Error, Result};
+pub use search::{MAX_EF, MAX_K};
+pub use types::{
+    Filter, GraphOrigin, Hit, HnswParams, Item, ItemKind, Metric, SearchRequest, Settings, Stats,
+    UpsertOutcome,
+};

@@ -44,6 +44,21 @@ pub struct LoadSource<'a> {
     pub path: &'a Path,
 }
 
+/// Rejects half-precision compute on the CPU, where candle has no bf16/f16 matmul.
+// TODO(bf16-cpu): add a bf16 path on CPU (AVX512-BF16/AMX GEMM); candle 0.9.2's CPU backend
+// has no half-precision matmul, so half types are only accepted on accelerators.
+fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    let half = matches!(dtype, DType::BF16 | DType::F16);
+    if half && device.is_cpu() {
+        return Err(Error::UnsupportedDtype {
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: "cpu".into(),
+            reason: "the CPU backend has no half-precision matmul; use f32".into(),
+        });
+    }
+    Ok(())
+}
+
 /// When the config asks for a resolution whose grid differs from the checkpoint's position
 /// table, resizes the table bilinearly (class row kept), as the reference fine-tune loaders
 /// do. A config without `vision.image_size` keeps the checkpoint's grid.
@@ -154,6 +169,7 @@ impl Mplug {
         device: &Device,
         dtype: DType,
     ) -> Result<(Self, LoadReport)> {
+        check_dtype(device, dtype)?;
         let cfg = MplugConfig::from_file(config)?;
         let (tensors, skipped) = read_tensors(checkpoint, |name| !is_ignored_always(name))?;
         let source = LoadSource {
@@ -175,6 +191,7 @@ impl Mplug {
     ) -> Result<(Self, LoadReport)> {
         let mut source = source;
         adapt_positions(&cfg, &mut source.tensors)?;
+        check_dtype(device, dtype)?;
         cfg.resolve_from(&source.tensors, source.path)?;
         let names: Vec<String> = source.tensors.keys().cloned().collect();
         let backend = TrackingBackend::new(Arc::new(source.tensors), source.path);

@@ -1,0 +1,399 @@
+//! Benchmark of the index against hnswlib on the same random unit vectors.
+//!
+//! Run through `index/scripts/bench.sh`, which prepares a Python environment with hnswlib.
+//! Each phase of our index runs in a fresh process (this binary re-executed) so that memory
+//! and reopen time are measured from a cold start. Prints one table at the end.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use mplug_index::{Collection, Filter, GraphOrigin, HnswParams, Item, ItemKind, Metric};
+use mplug_index::{SearchRequest, Settings};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+const K: usize = 10;
+const BATCH: usize = 10_000;
+
+/// Command-line options; every one has a default.
+#[derive(Debug, Clone)]
+struct Options {
+    sizes: Vec<usize>,
+    dim: usize,
+    queries: usize,
+    efs: Vec<usize>,
+    max_connections: usize,
+    ef_construction: usize,
+    work_dir: PathBuf,
+    python: Option<PathBuf>,
+    phase: Option<String>,
+    size: usize,
+}
+
+fn parse_list(value: &str) -> Vec<usize> {
+    value
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+fn parse_options() -> Options {
+    let mut o = Options {
+        sizes: vec![100_000],
+        dim: 256,
+        queries: 1_000,
+        efs: vec![16, 32, 64, 128, 256],
+        max_connections: HnswParams::default().max_connections,
+        ef_construction: HnswParams::default().ef_construction,
+        work_dir: PathBuf::from(".bench-data"),
+        python: None,
+        phase: None,
+        size: 0,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let (flag, value) = (pair[0].as_str(), pair.get(1).map_or("", String::as_str));
+        match flag {
+            "--sizes" => o.sizes = parse_list(value),
+            "--dim" => o.dim = value.parse().unwrap_or(o.dim),
+            "--queries" => o.queries = value.parse().unwrap_or(o.queries),
+            "--efs" => o.efs = parse_list(value),
+            "--m" => o.max_connections = value.parse().unwrap_or(o.max_connections),
+            "--ef-construction" => o.ef_construction = value.parse().unwrap_or(o.ef_construction),
+            "--work-dir" => o.work_dir = PathBuf::from(value),
+            "--python" => o.python = Some(PathBuf::from(value)),
+            "--phase" => o.phase = Some(value.to_string()),
+            "--size" => o.size = value.parse().unwrap_or(0),
+            other => eprintln!("ignoring unknown flag {other}"),
+        }
+    }
+    o
+}
+
+fn unit_vectors(count: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut out = vec![0f32; count * dim];
+    out.par_chunks_mut(dim).enumerate().for_each(|(i, v)| {
+        let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        v.iter_mut().for_each(|x| *x = rng.gen_range(-1.0f32..1.0));
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+    });
+    out
+}
+
+fn write_f32(path: &Path, data: &[f32]) {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    fs::write(path, bytes).expect("bench data is writable");
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    let bytes = fs::read(path).expect("bench data is readable");
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Exact top-K ids per query, written as little-endian u32.
+fn ground_truth(data: &[f32], queries: &[f32], dim: usize) -> Vec<u32> {
+    queries
+        .par_chunks(dim)
+        .flat_map_iter(|q| {
+            let mut scored: Vec<(f32, u32)> = data
+                .chunks(dim)
+                .enumerate()
+                .map(|(i, v)| (dot(q, v), i as u32))
+                .collect();
+            scored.select_nth_unstable_by(K - 1, |a, b| b.0.total_cmp(&a.0));
+            scored.truncate(K);
+            scored.into_iter().map(|(_, i)| i)
+        })
+        .collect()
+}
+
+fn size_dir(o: &Options, size: usize) -> PathBuf {
+    o.work_dir.join(format!("n{size}-d{}", o.dim))
+}
+
+/// Writes vectors, queries and ground truth for one size unless already present.
+fn prepare_data(o: &Options, size: usize) {
+    let dir = size_dir(o, size);
+    if dir.join("truth.u32").exists() {
+        return;
+    }
+    fs::create_dir_all(&dir).expect("work dir is creatable");
+    let data = unit_vectors(size, o.dim, 1);
+    let queries = unit_vectors(o.queries, o.dim, 2);
+    write_f32(&dir.join("vectors.f32"), &data);
+    write_f32(&dir.join("queries.f32"), &queries);
+    let started = Instant::now();
+    let truth = ground_truth(&data, &queries, o.dim);
+    eprintln!(
+        "ground truth for {size} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let bytes: Vec<u8> = truth.iter().flat_map(|x| x.to_le_bytes()).collect();
+    fs::write(dir.join("truth.u32"), bytes).expect("truth is writable");
+}
+
+fn rss_bytes() -> u64 {
+    let statm = fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn settings(o: &Options) -> Settings {
+    Settings {
+        dimension: o.dim,
+        metric: Metric::Cosine,
+        hnsw: HnswParams {
+            max_connections: o.max_connections,
+            ef_construction: o.ef_construction,
+            ..HnswParams::default()
+        },
+        model_id: "bench".into(),
+    }
+}
+
+/// Child phase: builds the collection from scratch and closes it (dumping the graph).
+fn phase_build(o: &Options) -> Value {
+    let dir = size_dir(o, o.size);
+    let data = read_f32(&dir.join("vectors.f32"));
+    let collection_dir = dir.join("collection");
+    let _ = fs::remove_dir_all(&collection_dir);
+    let rss_before = rss_bytes();
+    let collection = Collection::open(&collection_dir, settings(o)).expect("collection opens");
+
+    let started = Instant::now();
+    for (b, chunk) in data.chunks(BATCH * o.dim).enumerate() {
+        let items = chunk.chunks(o.dim).enumerate().map(|(i, v)| {
+            let n = b * BATCH + i;
+            Item {
+                id: n.to_string(),
+                kind: ItemKind::Image,
+                vector: v.to_vec(),
+                metadata: Default::default(),
+                content_hash: *blake3::hash(&n.to_le_bytes()).as_bytes(),
+                payload: None,
+            }
+        });
+        collection.upsert(items.collect()).expect("upsert succeeds");
+    }
+    let build_s = started.elapsed().as_secs_f64();
+    let rss_built = rss_bytes();
+    let started = Instant::now();
+    collection.close().expect("close succeeds");
+    json!({
+        "build_s": build_s,
+        "build_rss_per_vector": (rss_built.saturating_sub(rss_before)) as f64 / o.size as f64,
+        "dump_s": started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Child phase: reopens the collection and measures queries single-threaded.
+fn phase_query(o: &Options) -> Value {
+    let dir = size_dir(o, o.size);
+    let queries = read_f32(&dir.join("queries.f32"));
+    let truth = fs::read(dir.join("truth.u32")).expect("truth is readable");
+    let truth: Vec<u32> = truth
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    let collection = Collection::open(&dir.join("collection"), settings(o)).expect("reopen");
+    let reopen_s = started.elapsed().as_secs_f64();
+    let reloaded = collection.graph_origin() == GraphOrigin::Reloaded;
+    let rss_per_vector = rss_bytes().saturating_sub(rss_before) as f64 / o.size as f64;
+
+    let runs: Vec<Value> = o
+        .efs
+        .iter()
+        .map(|&ef| query_run(&collection, o, &queries, &truth, ef))
+        .collect();
+    let disk = collection.stats().map(|s| s.bytes_on_disk).unwrap_or(0);
+    json!({
+        "reopen_s": reopen_s,
+        "reloaded": reloaded,
+        "rss_per_vector": rss_per_vector,
+        "disk_per_vector": disk as f64 / o.size as f64,
+        "runs": runs,
+    })
+}
+
+fn query_run(
+    collection: &Collection,
+    o: &Options,
+    queries: &[f32],
+    truth: &[u32],
+    ef: usize,
+) -> Value {
+    let started = Instant::now();
+    let mut found = 0;
+    for (q, expected) in queries.chunks(o.dim).zip(truth.chunks(K)) {
+        let request = SearchRequest {
+            vector: q,
+            k: K,
+            ef: Some(ef),
+            filter: Filter::default(),
+            exact: false,
+        };
+        let hits = collection.search(&request).expect("search succeeds");
+        let expected: HashSet<String> = expected.iter().map(|i| i.to_string()).collect();
+        found += hits.iter().filter(|h| expected.contains(&h.id)).count();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    json!({
+        "ef": ef,
+        "qps": (queries.len() / o.dim) as f64 / seconds,
+        "recall": found as f64 / (truth.len() as f64),
+    })
+}
+
+fn run_child(o: &Options, size: usize, phase: &str) -> Value {
+    let exe = std::env::current_exe().expect("own path is known");
+    let efs: Vec<String> = o.efs.iter().map(usize::to_string).collect();
+    let output = Command::new(exe)
+        .args([
+            "--phase",
+            phase,
+            "--size",
+            &size.to_string(),
+            "--dim",
+            &o.dim.to_string(),
+        ])
+        .args([
+            "--efs",
+            &efs.join(","),
+            "--m",
+            &o.max_connections.to_string(),
+        ])
+        .args(["--ef-construction", &o.ef_construction.to_string()])
+        .args(["--work-dir", &o.work_dir.to_string_lossy()])
+        .output()
+        .expect("bench child runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
+    serde_json::from_str(line).unwrap_or(Value::Null)
+}
+
+fn run_hnswlib(o: &Options, size: usize, python: &Path) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hnswlib_bench.py");
+    let efs: Vec<String> = o.efs.iter().map(usize::to_string).collect();
+    let output = Command::new(python)
+        .arg(script)
+        .args([
+            "--dir",
+            &size_dir(o, size).to_string_lossy(),
+            "--dim",
+            &o.dim.to_string(),
+        ])
+        .args([
+            "--m",
+            &o.max_connections.to_string(),
+            "--efc",
+            &o.ef_construction.to_string(),
+        ])
+        .args(["--efs", &efs.join(","), "--k", &K.to_string()])
+        .output()
+        .expect("hnswlib bench runs");
+    if !output.status.success() {
+        eprintln!(
+            "hnswlib bench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
+    serde_json::from_str(line).unwrap_or(Value::Null)
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn print_rows(out: &mut impl Write, library: &str, size: usize, build_s: f64, query: &Value) {
+    let throughput = size as f64 / build_s;
+    let empty = Vec::new();
+    let runs = query
+        .get("runs")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    for run in runs {
+        let _ = writeln!(
+            out,
+            "| {library:<11} | {size:>9} | {throughput:>10.0} | {:>4} | {:>8.0} | {:>9.4} | {:>9.0} | {:>8.2} |",
+            num(run, "ef"),
+            num(run, "qps"),
+            num(run, "recall"),
+            num(query, "rss_per_vector"),
+            num(query, "reopen_s"),
+        );
+    }
+}
+
+fn main() {
+    let o = parse_options();
+    match o.phase.as_deref() {
+        Some("build") => return println!("{}", phase_build(&o)),
+        Some("query") => return println!("{}", phase_query(&o)),
+        _ => {}
+    }
+
+    let mut table = Vec::new();
+    for &size in &o.sizes {
+        prepare_data(&o, size);
+        let build = run_child(&o, size, "build");
+        let query = run_child(&o, size, "query");
+        eprintln!("mplug-index n={size}: build {build} query {query}");
+        print_rows(
+            &mut table,
+            "mplug-index",
+            size,
+            num(&build, "build_s"),
+            &query,
+        );
+        if let Some(python) = &o.python {
+            let hnswlib = run_hnswlib(&o, size, python);
+            eprintln!("hnswlib n={size}: {hnswlib}");
+            print_rows(
+                &mut table,
+                "hnswlib",
+                size,
+                num(&hnswlib, "build_s"),
+                &hnswlib,
+            );
+        }
+    }
+
+    println!(
+        "\nM = {}, ef_construction = {}, dim = {}, {} queries, k = {K}, queries single-threaded; \
+         build uses all cores (ours: durable batches of {BATCH})",
+        o.max_connections, o.ef_construction, o.dim, o.queries
+    );
+    println!("| library     |         n |  build v/s |   ef |      QPS | recall@10 | RSS B/vec | reopen s |");
+    println!("|-------------|-----------|------------|------|----------|-----------|-----------|----------|");
+    print!("{}", String::from_utf8_lossy(&table));
+}

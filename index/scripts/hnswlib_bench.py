@@ -1,0 +1,69 @@
+"""hnswlib side of the index benchmark: same vectors, queries and ground truth as the Rust
+side (files written by the bench binary). Prints one JSON line with build time, memory per
+vector, reopen (load) time and per-ef QPS and recall@k."""
+
+import argparse
+import json
+import os
+import time
+
+import hnswlib
+import numpy as np
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--dim", type=int, required=True)
+    parser.add_argument("--m", type=int, required=True)
+    parser.add_argument("--efc", type=int, required=True)
+    parser.add_argument("--efs", required=True)
+    parser.add_argument("--k", type=int, default=10)
+    args = parser.parse_args()
+
+    data = np.fromfile(os.path.join(args.dir, "vectors.f32"), dtype="<f4").reshape(-1, args.dim)
+    queries = np.fromfile(os.path.join(args.dir, "queries.f32"), dtype="<f4").reshape(-1, args.dim)
+    truth = np.fromfile(os.path.join(args.dir, "truth.u32"), dtype="<u4").reshape(-1, args.k)
+    threads = os.cpu_count() or 1
+
+    rss_before = rss_bytes()
+    index = hnswlib.Index(space="ip", dim=args.dim)
+    index.init_index(max_elements=len(data), ef_construction=args.efc, M=args.m)
+    started = time.perf_counter()
+    index.add_items(data, np.arange(len(data)), num_threads=threads)
+    build_s = time.perf_counter() - started
+    rss_per_vector = (rss_bytes() - rss_before) / len(data)
+
+    path = os.path.join(args.dir, "hnswlib.bin")
+    index.save_index(path)
+    del index
+    started = time.perf_counter()
+    index = hnswlib.Index(space="ip", dim=args.dim)
+    index.load_index(path, max_elements=len(data))
+    reopen_s = time.perf_counter() - started
+    os.remove(path)
+
+    runs = []
+    for ef in [int(e) for e in args.efs.split(",")]:
+        index.set_ef(ef)
+        started = time.perf_counter()
+        labels, _ = index.knn_query(queries, k=args.k, num_threads=1)
+        seconds = time.perf_counter() - started
+        hits = sum(len(set(l) & set(t)) for l, t in zip(labels.tolist(), truth.tolist()))
+        runs.append({"ef": ef, "qps": len(queries) / seconds, "recall": hits / truth.size})
+
+    print(json.dumps({
+        "build_s": build_s,
+        "rss_per_vector": rss_per_vector,
+        "reopen_s": reopen_s,
+        "runs": runs,
+    }))
+
+
+if __name__ == "__main__":
+    main()

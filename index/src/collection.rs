@@ -1,0 +1,627 @@
+//! A collection: the sled store, the in-memory slot table and the graph, kept in step by a
+//! single writer while any number of searches run.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::graph::{DumpDir, Graph};
+use crate::slots::{Postings, SlotInfo, SlotTable};
+use crate::store::{ItemWrite, Record, Store, WriteBatch};
+use crate::types::{GraphOrigin, HnswParams, Item, ItemKind, Settings, Stats, UpsertOutcome};
+use crate::vector;
+
+/// Longest accepted item id, in bytes.
+pub const MAX_ID_BYTES: usize = 1024;
+/// Largest accepted dimension.
+pub const MAX_DIMENSION: usize = 65_536;
+/// Vectors read and inserted per step while (re)building a graph, bounding extra memory.
+const BUILD_CHUNK: usize = 50_000;
+/// Compaction is not started for fewer tombstones than this.
+const COMPACT_MIN_TOMBSTONES: usize = 64;
+
+/// A durable collection of embeddings with an HNSW graph over them.
+///
+/// sled holds every item; a write is acknowledged only after it is applied atomically and
+/// flushed. sled's flush writes and syncs its log, so everything acknowledged survives the
+/// process being killed; on power loss the guarantee is only as strong as the file system's
+/// and the device's handling of that sync. The graph is a cache: dumped by
+/// [`Collection::dump_graph`] and [`Collection::close`], reloaded when its epoch matches the
+/// stored one, rebuilt from sled otherwise.
+///
+/// `Collection` is `Send + Sync`. Writes (upsert, delete) are serialised by one writer lock;
+/// searches take no lock for their duration, only short ones to copy shared pointers.
+pub struct Collection {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub dir: PathBuf,
+    pub settings: Settings,
+    pub store: Store,
+    pub dumps: DumpDir,
+    pub graph: RwLock<Arc<Graph>>,
+    pub slots: SlotTable,
+    pub postings: Postings,
+    /// Serialises writes; holds the first slot not yet handed out.
+    pub writer: Mutex<u64>,
+    /// Epoch of the last committed batch; the graph always reflects it once the writer lock
+    /// is released.
+    pub epoch: AtomicU64,
+    /// Epoch of the dump on disk, or `u64::MAX` when none is valid.
+    pub dumped_epoch: AtomicU64,
+    /// True when the graph differs from the dump on disk.
+    pub dirty: AtomicBool,
+    pub images: AtomicU64,
+    pub texts: AtomicU64,
+    pub origin: GraphOrigin,
+    pub compaction: Mutex<Option<JoinHandle<()>>>,
+    pub compacting: Mutex<()>,
+}
+
+const NO_DUMP: u64 = u64::MAX;
+
+fn check_settings(settings: &Settings) -> Result<()> {
+    let HnswParams {
+        max_connections: m,
+        ef_construction,
+        ef_search,
+        compact_tombstone_ratio: ratio,
+        exact_scan_fraction: fraction,
+        ..
+    } = settings.hnsw;
+    let checks = [
+        (
+            "dimension",
+            (1..=MAX_DIMENSION).contains(&settings.dimension),
+            "1..=65536",
+        ),
+        ("max_connections", (2..=255).contains(&m), "2..=255"),
+        (
+            "ef_construction",
+            ef_construction >= m,
+            "at least max_connections",
+        ),
+        ("ef_search", ef_search >= 1, "at least 1"),
+        (
+            "compact_tombstone_ratio",
+            ratio > 0.0 && ratio <= 1.0,
+            "in (0, 1]",
+        ),
+        (
+            "exact_scan_fraction",
+            (0.0..=1.0).contains(&fraction),
+            "in [0, 1]",
+        ),
+    ];
+    for (field, ok, expected) in checks {
+        if !ok {
+            return Err(Error::invalid(field, format!("expected {expected}")));
+        }
+    }
+    if settings.model_id.is_empty() {
+        return Err(Error::invalid("model_id", "expected a non-empty model id"));
+    }
+    Ok(())
+}
+
+/// Live items read from the store on open.
+struct Loaded {
+    live: Vec<(u64, String)>,
+    max_slot: Option<u64>,
+}
+
+impl Collection {
+    /// Opens the collection in `dir`, creating it when absent.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for out-of-range settings,
+    /// [`Error::SettingsMismatch`] when the collection exists with another dimension, metric
+    /// or model id, [`Error::Storage`] when the directory or database cannot be used. A
+    /// missing or damaged graph dump is not an error: the graph is rebuilt
+    /// ([`GraphOrigin::Rebuilt`]).
+    pub fn open(dir: &Path, settings: Settings) -> Result<Self> {
+        check_settings(&settings)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::storage(dir, e))?;
+        let store = Store::open(dir)?;
+        store.reconcile_settings(&settings)?;
+        let epoch = store.epoch()?;
+        let next_slot = store.next_slot()?;
+
+        let slots = SlotTable::default();
+        let postings = Postings::default();
+        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
+        let loaded = load_records(&store, &slots, &postings, &counts)?;
+        let next_slot = next_slot.max(loaded.max_slot.map_or(0, |s| s + 1));
+
+        let dumps = DumpDir::new(dir);
+        let (graph, origin) = initial_graph(&store, &dumps, &settings, epoch, &loaded)?;
+        let dirty = origin == GraphOrigin::Rebuilt;
+        let dumped = if origin == GraphOrigin::Reloaded {
+            epoch
+        } else {
+            NO_DUMP
+        };
+        dumps.remove_stale(dumps.current().as_deref().filter(|_| !dirty));
+
+        let [images, texts] = counts;
+        let inner = Inner {
+            dir: dir.to_path_buf(),
+            settings,
+            store,
+            dumps,
+            graph: RwLock::new(Arc::new(graph)),
+            slots,
+            postings,
+            writer: Mutex::new(next_slot),
+            epoch: AtomicU64::new(epoch),
+            dumped_epoch: AtomicU64::new(dumped),
+            dirty: AtomicBool::new(dirty),
+            images,
+            texts,
+            origin,
+            compaction: Mutex::new(None),
+            compacting: Mutex::new(()),
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The settings the collection was opened with.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// Where the graph came from when the collection was opened.
+    pub fn graph_origin(&self) -> GraphOrigin {
+        self.inner.origin
+    }
+
+    /// Stores a batch of items; every item is durable (applied atomically with the batch and
+    /// flushed) and searchable when this returns. Outcomes are in input order; an id given
+    /// twice is applied in order, so the last one wins.
+    ///
+    /// Vectors are normalised for [`Metric::Cosine`]. Errors: validation errors for the first
+    /// invalid item (nothing is written then), [`Error::Storage`] if the commit fails.
+    pub fn upsert(&self, items: Vec<Item>) -> Result<Vec<UpsertOutcome>> {
+        let prepared = self.inner.prepare_items(items)?;
+        let outcomes = self.inner.write_items(prepared)?;
+        self.maybe_compact();
+        Ok(outcomes)
+    }
+
+    /// Deletes a live item. Errors: [`Error::UnknownId`] when no live item has this id.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        self.inner.delete(id)?;
+        self.maybe_compact();
+        Ok(())
+    }
+
+    /// The item with this id, payload included, or `None`.
+    pub fn get(&self, id: &str) -> Result<Option<Item>> {
+        self.inner.get(id)
+    }
+
+    /// True when a live item has this id and content hash: a cheap check for resuming an
+    /// interrupted ingest.
+    pub fn contains(&self, id: &str, content_hash: &[u8; 32]) -> Result<bool> {
+        let record = self.inner.store.record(id)?;
+        Ok(record.is_some_and(|r| r.content_hash == *content_hash))
+    }
+
+    /// Ids of live items with this content hash, in id order (exact duplicates).
+    pub fn find_by_hash(&self, hash: &[u8; 32]) -> Result<Vec<String>> {
+        self.inner.store.ids_with_hash(hash)
+    }
+
+    /// Rebuilds the graph without tombstones. Writes wait only while the items written
+    /// during the rebuild are added and the new graph is swapped in; searches never wait.
+    pub fn compact(&self) -> Result<()> {
+        self.inner.compact()
+    }
+
+    /// Writes the graph to disk when it changed since the last dump, so the next open can
+    /// reload it. Writes wait while the dump is written; searches do not.
+    pub fn dump_graph(&self) -> Result<()> {
+        self.inner.dump_graph()
+    }
+
+    /// Counters: items by kind, tombstones, epochs, bytes on disk.
+    pub fn stats(&self) -> Result<Stats> {
+        self.inner.stats()
+    }
+
+    /// Waits for a background compaction, dumps the graph and flushes the store.
+    pub fn close(self) -> Result<()> {
+        let pending = self.inner.compaction.lock().take();
+        if let Some(handle) = pending {
+            let _ = handle.join();
+        }
+        self.inner.dump_graph()?;
+        self.inner.store.flush()
+    }
+
+    /// Starts a background compaction when tombstones pass the configured share of the
+    /// graph and none is running.
+    fn maybe_compact(&self) {
+        let graph = Arc::clone(&self.inner.graph.read());
+        let tombstones = graph.len().saturating_sub(self.inner.live_count());
+        let ratio = tombstones as f32 / graph.len().max(1) as f32;
+        let threshold = self.inner.settings.hnsw.compact_tombstone_ratio;
+        if tombstones < COMPACT_MIN_TOMBSTONES || ratio < threshold {
+            return;
+        }
+
+        let mut slot = self.inner.compaction.lock();
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        *slot = Some(std::thread::spawn(move || {
+            if let Err(e) = inner.compact() {
+                tracing::error!(error = %e, "background compaction failed");
+            }
+        }));
+    }
+}
+
+fn kind_index(kind: ItemKind) -> usize {
+    match kind {
+        ItemKind::Image => 0,
+        ItemKind::Text => 1,
+    }
+}
+
+fn load_records(
+    store: &Store,
+    slots: &SlotTable,
+    postings: &Postings,
+    counts: &[AtomicU64; 2],
+) -> Result<Loaded> {
+    let mut live = Vec::new();
+    let mut max_slot = None;
+    for entry in store.records() {
+        let (id, record) = entry?;
+        postings.add(record.slot, &record.metadata);
+        counts[kind_index(record.kind)].fetch_add(1, Ordering::Relaxed);
+        let info = SlotInfo {
+            id: id.clone(),
+            kind: record.kind,
+            metadata: record.metadata,
+        };
+        slots.publish(record.slot, info);
+        max_slot = max_slot.max(Some(record.slot));
+        live.push((record.slot, id));
+    }
+    Ok(Loaded { live, max_slot })
+}
+
+fn initial_graph(
+    store: &Store,
+    dumps: &DumpDir,
+    settings: &Settings,
+    epoch: u64,
+    loaded: &Loaded,
+) -> Result<(Graph, GraphOrigin)> {
+    if loaded.live.is_empty() {
+        return Ok((Graph::new(&settings.hnsw, 0), GraphOrigin::Empty));
+    }
+    match dumps.load(epoch, settings.dimension, &settings.hnsw) {
+        Ok(graph) if graph.len() >= loaded.live.len() => {
+            return Ok((graph, GraphOrigin::Reloaded));
+        }
+        Ok(graph) => {
+            tracing::warn!(
+                points = graph.len(),
+                "graph dump smaller than the collection"
+            )
+        }
+        Err(reason) => tracing::info!(%reason, "rebuilding the graph"),
+    }
+
+    let graph = Graph::new(&settings.hnsw, loaded.live.len());
+    build_into(store, &graph, settings.dimension, &loaded.live)?;
+    Ok((graph, GraphOrigin::Rebuilt))
+}
+
+/// Reads the vectors of `live` items from the store and inserts them, chunk by chunk. An
+/// item whose vector is missing or damaged is reported and skipped.
+fn build_into(
+    store: &Store,
+    graph: &Graph,
+    dimension: usize,
+    live: &[(u64, String)],
+) -> Result<()> {
+    for chunk in live.chunks(BUILD_CHUNK) {
+        let mut vectors = Vec::with_capacity(chunk.len());
+        for (slot, id) in chunk {
+            match store.vector(id, dimension) {
+                Ok(Some(v)) => vectors.push((v, *slot as usize)),
+                Ok(None) => tracing::error!(%id, "item has no stored vector; skipped"),
+                Err(e) => tracing::error!(error = %e, "damaged vector; item skipped"),
+            }
+        }
+        let refs: Vec<(&[f32], usize)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
+        graph.insert(&refs);
+    }
+    Ok(())
+}
+
+/// One item after validation.
+pub(crate) struct Prepared {
+    item: Item,
+    vector: Vec<f32>,
+}
+
+/// One item whose write was committed, to apply in memory.
+struct Applied {
+    slot: u64,
+    info: SlotInfo,
+    vector: Vec<f32>,
+    previous: Option<Record>,
+}
+
+impl Inner {
+    pub fn live_count(&self) -> usize {
+        (self.images.load(Ordering::Relaxed) + self.texts.load(Ordering::Relaxed)) as usize
+    }
+
+    fn prepare_items(&self, items: Vec<Item>) -> Result<Vec<Prepared>> {
+        let (dimension, metric) = (self.settings.dimension, self.settings.metric);
+        items
+            .into_iter()
+            .map(|item| {
+                if item.id.is_empty() || item.id.len() > MAX_ID_BYTES {
+                    let reason =
+                        format!("id of {} bytes, expected 1..={MAX_ID_BYTES}", item.id.len());
+                    return Err(Error::invalid("id", reason));
+                }
+                let (vector, _) =
+                    vector::prepare(&item.id, &item.vector, dimension, metric, false)?;
+                Ok(Prepared { item, vector })
+            })
+            .collect()
+    }
+
+    fn write_items(&self, prepared: Vec<Prepared>) -> Result<Vec<UpsertOutcome>> {
+        let mut next_slot = self.writer.lock();
+        let mut batch = WriteBatch::default();
+        let mut pending: HashMap<String, Record> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(prepared.len());
+        let mut applied = Vec::new();
+
+        for Prepared { item, vector } in prepared {
+            let previous = match pending.get(&item.id) {
+                Some(record) => Some(record.clone()),
+                None => self.store.record(&item.id)?,
+            };
+            let record = Record {
+                slot: *next_slot,
+                kind: item.kind,
+                content_hash: item.content_hash,
+                metadata: item.metadata,
+                has_payload: item.payload.is_some(),
+            };
+            if previous.as_ref().is_some_and(|p| same_content(p, &record)) {
+                outcomes.push(UpsertOutcome::Unchanged);
+                continue;
+            }
+
+            *next_slot += 1;
+            batch.put(&ItemWrite {
+                id: &item.id,
+                record: &record,
+                vector: &vector,
+                payload: item.payload.as_deref(),
+                previous: previous.as_ref(),
+            })?;
+            outcomes.push(if previous.is_some() {
+                UpsertOutcome::Replaced
+            } else {
+                UpsertOutcome::Inserted
+            });
+            pending.insert(item.id.clone(), record.clone());
+            let info = SlotInfo {
+                id: item.id,
+                kind: record.kind,
+                metadata: record.metadata,
+            };
+            applied.push(Applied {
+                slot: record.slot,
+                info,
+                vector,
+                previous,
+            });
+        }
+        if applied.is_empty() {
+            return Ok(outcomes);
+        }
+
+        let epoch = self.epoch.load(Ordering::Acquire) + 1;
+        batch.set_next_slot(*next_slot);
+        self.store.commit(batch, epoch)?;
+        self.apply(applied);
+        self.epoch.store(epoch, Ordering::Release);
+        self.dirty.store(true, Ordering::Release);
+        Ok(outcomes)
+    }
+
+    /// Applies committed writes in memory: tombstones replaced slots, publishes new ones,
+    /// then inserts the new vectors into the graph. Caller holds the writer lock.
+    fn apply(&self, applied: Vec<Applied>) {
+        for entry in &applied {
+            if let Some(previous) = &entry.previous {
+                self.forget(previous);
+            }
+            self.postings.add(entry.slot, &entry.info.metadata);
+            self.count(entry.info.kind).fetch_add(1, Ordering::Relaxed);
+            self.slots.publish(entry.slot, entry.info.clone());
+        }
+        let graph = Arc::clone(&self.graph.read());
+        let items: Vec<(&[f32], usize)> = applied
+            .iter()
+            .map(|a| (a.vector.as_slice(), a.slot as usize))
+            .collect();
+        graph.insert(&items);
+    }
+
+    fn forget(&self, record: &Record) {
+        self.slots.kill(record.slot);
+        self.postings.remove(record.slot, &record.metadata);
+        self.count(record.kind).fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn count(&self, kind: ItemKind) -> &AtomicU64 {
+        match kind {
+            ItemKind::Image => &self.images,
+            ItemKind::Text => &self.texts,
+        }
+    }
+
+    fn delete(&self, id: &str) -> Result<()> {
+        let _writer = self.writer.lock();
+        let record = self
+            .store
+            .record(id)?
+            .ok_or_else(|| Error::UnknownId { id: id.to_string() })?;
+        let mut batch = WriteBatch::default();
+        batch.remove(id, &record);
+
+        let epoch = self.epoch.load(Ordering::Acquire) + 1;
+        self.store.commit(batch, epoch)?;
+        self.forget(&record);
+        self.epoch.store(epoch, Ordering::Release);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads record, vector and payload, retrying when a write moved the item in between.
+    fn get(&self, id: &str) -> Result<Option<Item>> {
+        for _ in 0..8 {
+            let Some(record) = self.store.record(id)? else {
+                return Ok(None);
+            };
+            let vector = self.store.vector(id, self.settings.dimension)?;
+            let payload = self.store.payload(id)?;
+            let again = self.store.record(id)?;
+            let (Some(vector), true) = (vector, again.as_ref() == Some(&record)) else {
+                continue;
+            };
+            let payload = payload.filter(|_| record.has_payload);
+            return Ok(Some(Item {
+                id: id.to_string(),
+                kind: record.kind,
+                vector,
+                metadata: record.metadata,
+                content_hash: record.content_hash,
+                payload,
+            }));
+        }
+        let _writer = self.writer.lock();
+        self.get_locked(id)
+    }
+
+    fn get_locked(&self, id: &str) -> Result<Option<Item>> {
+        let Some(record) = self.store.record(id)? else {
+            return Ok(None);
+        };
+        let vector = self.store.vector(id, self.settings.dimension)?;
+        let vector = vector.ok_or_else(|| self.damaged(id))?;
+        Ok(Some(Item {
+            id: id.to_string(),
+            kind: record.kind,
+            vector,
+            metadata: record.metadata,
+            content_hash: record.content_hash,
+            payload: self.store.payload(id)?.filter(|_| record.has_payload),
+        }))
+    }
+
+    fn damaged(&self, id: &str) -> Error {
+        Error::storage(&self.dir, format!("item {id:?} has a record but no vector"))
+    }
+
+    pub fn compact(&self) -> Result<()> {
+        let _running = self.compacting.lock();
+        let live: Vec<(u64, String)> = self
+            .slots
+            .view()
+            .iter_live()
+            .map(|(slot, info)| (slot, info.id.clone()))
+            .collect();
+        let graph = Graph::new(&self.settings.hnsw, live.len());
+        build_into(&self.store, &graph, self.settings.dimension, &live)?;
+        let built: HashSet<u64> = graph.slots().into_iter().map(|s| s as u64).collect();
+
+        let _writer = self.writer.lock();
+        let missing: Vec<(u64, String)> = self
+            .slots
+            .view()
+            .iter_live()
+            .filter(|(slot, _)| !built.contains(slot))
+            .map(|(slot, info)| (slot, info.id.clone()))
+            .collect();
+        build_into(&self.store, &graph, self.settings.dimension, &missing)?;
+        *self.graph.write() = Arc::new(graph);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn dump_graph(&self) -> Result<()> {
+        let _writer = self.writer.lock();
+        if !self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let graph = Arc::clone(&self.graph.read());
+        if graph.len() == 0 {
+            return Ok(());
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.dumps.write(&graph, epoch, &self.settings.hnsw)?;
+        self.dumped_epoch.store(epoch, Ordering::Release);
+        self.dirty.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let graph = Arc::clone(&self.graph.read());
+        let dumped = self.dumped_epoch.load(Ordering::Acquire);
+        Ok(Stats {
+            images: self.images.load(Ordering::Relaxed),
+            texts: self.texts.load(Ordering::Relaxed),
+            tombstones: graph.len().saturating_sub(self.live_count()) as u64,
+            graph_points: graph.len() as u64,
+            graph_epoch: self.epoch.load(Ordering::Acquire),
+            dumped_epoch: (dumped != NO_DUMP).then_some(dumped),
+            bytes_on_disk: dir_size(&self.dir),
+        })
+    }
+}
+
+/// True when re-upserting `new` over `old` would change nothing.
+fn same_content(old: &Record, new: &Record) -> bool {
+    old.content_hash == new.content_hash
+        && old.kind == new.kind
+        && old.metadata == new.metadata
+        && old.has_payload == new.has_payload
+}
+
+/// Total size of the files under `dir`; unreadable entries count as zero.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -1,0 +1,348 @@
+//! The HNSW graph over slot numbers, and the dump files that let an open skip rebuilding it.
+//!
+//! A dump lives in its own directory under `graph/` next to a manifest with the write epoch
+//! it reflects and a BLAKE3 checksum of each file; `graph/CURRENT` names the active dump and
+//! is replaced by an atomic rename only once the new dump is complete and synced. A
+//! missing, torn, stale or foreign dump is reported as a reason to rebuild, never as an
+//! error.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use hnsw_rs::prelude::{AnnT, FilterT, Hnsw, HnswIo};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::types::HnswParams;
+use crate::vector::UnitDot;
+
+/// Directory holding graph dumps inside the collection directory.
+pub(crate) const GRAPH_DIR: &str = "graph";
+const CURRENT_FILE: &str = "CURRENT";
+const MANIFEST_FILE: &str = "manifest.json";
+const BASENAME: &str = "nodes";
+const DUMP_FORMAT: u32 = 1;
+/// Layers the graph may use (the graph library's maximum).
+const MAX_LAYERS: usize = 16;
+/// Below this many vectors an insert runs on the calling thread.
+const PARALLEL_INSERT_MIN: usize = 64;
+
+/// HNSW graph whose data ids are slot numbers.
+pub(crate) struct Graph {
+    hnsw: Hnsw<'static, f32, UnitDot>,
+}
+
+impl Graph {
+    /// An empty graph sized for about `capacity` vectors.
+    pub fn new(params: &HnswParams, capacity: usize) -> Self {
+        let hnsw = Hnsw::new(
+            params.max_connections,
+            capacity.max(1024),
+            MAX_LAYERS,
+            params.ef_construction,
+            UnitDot,
+        );
+        Self { hnsw }
+    }
+
+    /// Adds vectors under their slots, in parallel for large batches.
+    pub fn insert(&self, items: &[(&[f32], usize)]) {
+        if items.len() < PARALLEL_INSERT_MIN {
+            for &(vector, slot) in items {
+                self.hnsw.insert_slice((vector, slot));
+            }
+        } else {
+            self.hnsw.parallel_insert_slice(&items.to_vec());
+        }
+    }
+
+    /// Nodes in the graph, live or tombstoned.
+    pub fn len(&self) -> usize {
+        self.hnsw.get_nb_point()
+    }
+
+    /// Up to `count` nearest slots as `(slot, distance)`, nearest first, among those the
+    /// filter accepts.
+    pub fn search(
+        &self,
+        query: &[f32],
+        count: usize,
+        ef: usize,
+        filter: Option<&dyn FilterT>,
+    ) -> Vec<(usize, f32)> {
+        self.hnsw
+            .search_filter(query, count, ef.max(count), filter)
+            .into_iter()
+            .map(|n| (n.d_id, n.distance))
+            .collect()
+    }
+
+    /// Slot numbers of every node.
+    pub fn slots(&self) -> Vec<usize> {
+        let points = self.hnsw.get_point_indexation();
+        points.into_iter().map(|p| p.get_origin_id()).collect()
+    }
+}
+
+/// What a dump claims to contain.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    epoch: u64,
+    basename: String,
+    points: usize,
+    dimension: usize,
+    max_connections: usize,
+    ef_construction: usize,
+    files: Vec<FileSum>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileSum {
+    name: String,
+    len: u64,
+    blake3: String,
+}
+
+/// Where the graph of a collection is dumped.
+pub(crate) struct DumpDir {
+    root: PathBuf,
+}
+
+fn io_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::storage(path, e)
+}
+
+fn checksum(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut file = File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        len += read as u64;
+    }
+    Ok((len, hasher.finalize().to_hex().to_string()))
+}
+
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// The graph library's two dump files for a basename.
+fn dump_files(basename: &str) -> [String; 2] {
+    [
+        format!("{basename}.hnsw.graph"),
+        format!("{basename}.hnsw.data"),
+    ]
+}
+
+impl DumpDir {
+    /// Dumps under `collection/graph`.
+    pub fn new(collection: &Path) -> Self {
+        Self {
+            root: collection.join(GRAPH_DIR),
+        }
+    }
+
+    fn current_name(&self) -> Option<String> {
+        let name = fs::read_to_string(self.root.join(CURRENT_FILE)).ok()?;
+        let name = name.trim().to_string();
+        let plain = !name.is_empty() && !name.contains(['/', '\\']) && name != "..";
+        plain.then_some(name)
+    }
+
+    /// Writes `graph`, which reflects write `epoch`, as the new current dump, then deletes
+    /// older dumps. On failure the previous dump stays current.
+    pub fn write(&self, graph: &Graph, epoch: u64, params: &HnswParams) -> Result<()> {
+        fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("dump-{epoch}-{nanos}");
+        let dir = self.root.join(&name);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        }
+        fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+
+        let dumped = catch_unwind(AssertUnwindSafe(|| graph.hnsw.file_dump(&dir, BASENAME)));
+        let basename = match dumped {
+            Ok(Ok(basename)) => basename,
+            Ok(Err(e)) => return Err(io_error(&dir, format!("graph dump failed: {e}"))),
+            Err(_) => return Err(io_error(&dir, "graph dump panicked")),
+        };
+
+        let manifest = self.describe(&dir, graph, epoch, params, basename)?;
+        self.publish(&dir, &name, &manifest)?;
+        self.remove_stale(Some(&name));
+        Ok(())
+    }
+
+    fn describe(
+        &self,
+        dir: &Path,
+        graph: &Graph,
+        epoch: u64,
+        params: &HnswParams,
+        basename: String,
+    ) -> Result<Manifest> {
+        let mut files = Vec::new();
+        for name in dump_files(&basename) {
+            let path = dir.join(&name);
+            sync_file(&path).map_err(|e| io_error(&path, e))?;
+            let (len, blake3) = checksum(&path).map_err(|e| io_error(&path, e))?;
+            files.push(FileSum { name, len, blake3 });
+        }
+        Ok(Manifest {
+            format: DUMP_FORMAT,
+            epoch,
+            basename,
+            points: graph.len(),
+            dimension: graph.hnsw.get_point_indexation().get_data_dimension(),
+            max_connections: params.max_connections,
+            ef_construction: params.ef_construction,
+            files,
+        })
+    }
+
+    fn publish(&self, dir: &Path, name: &str, manifest: &Manifest) -> Result<()> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let json = serde_json::to_vec_pretty(manifest).map_err(|e| io_error(dir, e))?;
+        write_synced(&manifest_path, &json)?;
+        sync_file(dir).map_err(|e| io_error(dir, e))?;
+
+        let temp = self.root.join(format!("{CURRENT_FILE}.tmp"));
+        write_synced(&temp, name.as_bytes())?;
+        let current = self.root.join(CURRENT_FILE);
+        fs::rename(&temp, &current).map_err(|e| io_error(&current, e))?;
+        sync_file(&self.root).map_err(|e| io_error(&self.root, e))
+    }
+
+    /// Deletes every dump directory except `keep`; failures only cost disk space.
+    pub fn remove_stale(&self, keep: Option<&str>) {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dump = name.starts_with("dump-") && entry.path().is_dir();
+            if is_dump && Some(name.as_str()) != keep {
+                if let Err(e) = fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "stale dump kept");
+                }
+            }
+        }
+    }
+
+    /// Name of the current dump directory when one is recorded.
+    pub fn current(&self) -> Option<String> {
+        self.current_name()
+    }
+
+    /// Loads the current dump if it reflects `epoch`, has `dimension` and was built with the
+    /// graph parameters of `params`, and every checksum matches; otherwise returns why not.
+    pub fn load(
+        &self,
+        epoch: u64,
+        dimension: usize,
+        params: &HnswParams,
+    ) -> std::result::Result<Graph, String> {
+        let name = self.current_name().ok_or("no current dump")?;
+        let dir = self.root.join(&name);
+        let manifest = read_manifest(&dir)?;
+        let expected = (DUMP_FORMAT, epoch, dimension);
+        let found = (manifest.format, manifest.epoch, manifest.dimension);
+        if expected != found {
+            return Err(format!(
+                "dump has format/epoch/dimension {found:?}, need {expected:?}"
+            ));
+        }
+        let shape = (manifest.max_connections, manifest.ef_construction);
+        if shape != (params.max_connections, params.ef_construction) {
+            return Err(format!("dump was built with connections/ef {shape:?}"));
+        }
+
+        verify_files(&dir, &manifest)?;
+        let graph = reload(&dir, &manifest.basename)?;
+        if graph.len() != manifest.points {
+            return Err(format!(
+                "dump holds {} points, manifest says {}",
+                graph.len(),
+                manifest.points
+            ));
+        }
+        Ok(graph)
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = File::create(path).map_err(|e| io_error(path, e))?;
+    file.write_all(bytes).map_err(|e| io_error(path, e))?;
+    file.sync_all().map_err(|e| io_error(path, e))
+}
+
+fn read_manifest(dir: &Path) -> std::result::Result<Manifest, String> {
+    let bytes = fs::read(dir.join(MANIFEST_FILE)).map_err(|e| format!("manifest: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("manifest: {e}"))
+}
+
+/// Checks lengths first (cheap), then checksums of both files in parallel.
+fn verify_files(dir: &Path, manifest: &Manifest) -> std::result::Result<(), String> {
+    let expected = dump_files(&manifest.basename);
+    let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    if listed != expected.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(format!("manifest lists files {listed:?}"));
+    }
+    for file in &manifest.files {
+        let len = fs::metadata(dir.join(&file.name)).map(|m| m.len());
+        if len.as_ref().ok() != Some(&file.len) {
+            return Err(format!(
+                "{} has length {len:?}, expected {}",
+                file.name, file.len
+            ));
+        }
+    }
+
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = manifest
+            .files
+            .iter()
+            .map(|file| scope.spawn(move || (file, checksum(&dir.join(&file.name)))))
+            .collect();
+        for handle in handles {
+            let (file, sum) = handle.join().map_err(|_| "checksum thread panicked")?;
+            let (_, sum) = sum.map_err(|e| format!("{}: {e}", file.name))?;
+            if sum != file.blake3 {
+                return Err(format!("{} checksum mismatch", file.name));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Loads the graph files. The loader's result borrows the loader, so the loader (a few
+/// hundred bytes: a path and a name) is leaked to give the graph a static lifetime; this
+/// happens at most once per open. Panics inside the graph library are caught.
+fn reload(dir: &Path, basename: &str) -> std::result::Result<Graph, String> {
+    let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, basename)));
+    let load = move || {
+        let loader = loader;
+        loader.load_hnsw::<f32, UnitDot>()
+    };
+    let loaded = catch_unwind(AssertUnwindSafe(load));
+    match loaded {
+        Ok(Ok(mut hnsw)) => {
+            hnsw.set_extend_candidates(false);
+            Ok(Graph { hnsw })
+        }
+        Ok(Err(e)) => Err(format!("graph library refused the dump: {e}")),
+        Err(_) => Err("graph library panicked while reading the dump".to_string()),
+    }
+}

@@ -1,0 +1,246 @@
+//! Search planning: graph walk, filtered graph walk, or exact scan of the matching items.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::collection::{Collection, Inner};
+use crate::error::{Error, Result};
+use crate::slots::SlotView;
+use crate::types::{Filter, Hit, ItemKind, Metric, SearchRequest};
+use crate::vector;
+
+/// Largest accepted `k`.
+pub const MAX_K: usize = 10_000;
+/// Largest accepted `ef`.
+pub const MAX_EF: usize = 100_000;
+/// Candidate lists longer than this are scored on the rayon pool.
+const PARALLEL_SCAN_MIN: usize = 8_192;
+
+/// How a search will find its hits.
+enum Plan {
+    /// Walk the graph; `filtered` when a user filter restricts the result.
+    Graph { filtered: bool },
+    /// Score these candidate slots exactly.
+    Exact(Vec<u64>),
+}
+
+impl Collection {
+    /// The `k` best live items for the query, best first, among those the filter accepts.
+    ///
+    /// Without a filter the graph is walked with `ef` (default `ef_search`). With a filter
+    /// that few items match (at most `exact_scan_max_matches`, or less than
+    /// `exact_scan_fraction` of the collection) the matching items are scored exactly;
+    /// otherwise the graph walk skips non-matching nodes, and an exact scan completes the
+    /// answer if the walk finds fewer than `k`. `exact: true` always scans.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for `k` outside 1..=[`MAX_K`] or `ef` outside
+    /// 1..=[`MAX_EF`]; vector errors as for upserts, with the id `<query>`.
+    pub fn search(&self, request: &SearchRequest<'_>) -> Result<Vec<Hit>> {
+        self.inner.search(request)
+    }
+}
+
+fn check_request(request: &SearchRequest<'_>) -> Result<()> {
+    if !(1..=MAX_K).contains(&request.k) {
+        let reason = format!("k = {}, expected 1..={MAX_K}", request.k);
+        return Err(Error::invalid("k", reason));
+    }
+    if let Some(ef) = request.ef.filter(|ef| !(1..=MAX_EF).contains(ef)) {
+        return Err(Error::invalid(
+            "ef",
+            format!("ef = {ef}, expected 1..={MAX_EF}"),
+        ));
+    }
+    Ok(())
+}
+
+fn by_score(a: &(f32, u64), b: &(f32, u64)) -> CmpOrdering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+impl Inner {
+    fn search(&self, request: &SearchRequest<'_>) -> Result<Vec<Hit>> {
+        check_request(request)?;
+        let (dimension, metric) = (self.settings.dimension, self.settings.metric);
+        let (query, norm) = vector::prepare("<query>", request.vector, dimension, metric, true)?;
+        let scale = if metric == Metric::InnerProduct {
+            norm
+        } else {
+            1.0
+        };
+        let view = self.slots.view();
+        let filter = &request.filter;
+
+        let plan = if request.exact {
+            Plan::Exact(self.candidates(&view, filter))
+        } else {
+            self.plan(&view, filter)
+        };
+        let scored = match plan {
+            Plan::Exact(candidates) => self.scan(&view, &query, filter, &candidates, request.k)?,
+            Plan::Graph { filtered } => {
+                let ef = request.ef.unwrap_or(self.settings.hnsw.ef_search);
+                let found = self.walk(&view, &query, request.k, ef, filtered.then_some(filter));
+                self.complete(&view, &query, filter, request.k, found)?
+            }
+        };
+        Ok(self.hits(&view, scored, scale))
+    }
+
+    /// Upper bound on the live items the filter accepts.
+    fn estimate(&self, filter: &Filter) -> usize {
+        let by_kind = match &filter.kinds {
+            None => self.live_count(),
+            Some(kinds) => [ItemKind::Image, ItemKind::Text]
+                .into_iter()
+                .filter(|k| kinds.contains(k))
+                .map(|k| self.kind_count(k))
+                .sum(),
+        };
+        let by_metadata = self
+            .postings
+            .estimate(&filter.metadata)
+            .unwrap_or(usize::MAX);
+        by_kind.min(by_metadata)
+    }
+
+    fn kind_count(&self, kind: ItemKind) -> usize {
+        let count = match kind {
+            ItemKind::Image => &self.images,
+            ItemKind::Text => &self.texts,
+        };
+        count.load(Ordering::Relaxed) as usize
+    }
+
+    fn plan(&self, view: &SlotView, filter: &Filter) -> Plan {
+        if filter.is_empty() {
+            return Plan::Graph { filtered: false };
+        }
+        let params = &self.settings.hnsw;
+        let matches = self.estimate(filter);
+        let fraction = matches as f32 / self.live_count().max(1) as f32;
+        if matches <= params.exact_scan_max_matches || fraction < params.exact_scan_fraction {
+            Plan::Exact(self.candidates(view, filter))
+        } else {
+            Plan::Graph { filtered: true }
+        }
+    }
+
+    /// Live slots that may match: the rarest metadata list, or every live slot.
+    fn candidates(&self, view: &SlotView, filter: &Filter) -> Vec<u64> {
+        if filter.metadata.is_empty() {
+            return view
+                .iter_live()
+                .filter(|(_, info)| filter.accepts(info.kind, &info.metadata))
+                .map(|(slot, _)| slot)
+                .collect();
+        }
+        self.postings.candidates(&filter.metadata)
+    }
+
+    /// Graph walk returning `(similarity, slot)` of live, accepted nodes, best first.
+    fn walk(
+        &self,
+        view: &SlotView,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Option<&Filter>,
+    ) -> Vec<(f32, u64)> {
+        let graph = Arc::clone(&self.graph.read());
+        let ef = ef.max(k);
+        let accept = |slot: &usize| {
+            view.live(*slot)
+                .is_some_and(|info| filter.is_none_or(|f| f.accepts(info.kind, &info.metadata)))
+        };
+        let tombstones = graph.len() > self.live_count();
+
+        let mut found = match (filter, tombstones) {
+            (None, false) => graph.search(query, k, ef, None),
+            (None, true) => graph.search(query, ef, ef, None),
+            (Some(_), _) => graph.search(query, ef, ef, Some(&accept)),
+        };
+        found.retain(|(slot, _)| accept(slot));
+        if found.len() < k && filter.is_none() && tombstones {
+            found = graph.search(query, ef, ef, Some(&accept));
+            found.retain(|(slot, _)| accept(slot));
+        }
+        found.truncate(k);
+        found
+            .into_iter()
+            .map(|(slot, d)| (1.0 - d, slot as u64))
+            .collect()
+    }
+
+    /// Falls back to an exact scan when the walk found fewer than `k` hits but more items
+    /// may match.
+    fn complete(
+        &self,
+        view: &SlotView,
+        query: &[f32],
+        filter: &Filter,
+        k: usize,
+        found: Vec<(f32, u64)>,
+    ) -> Result<Vec<(f32, u64)>> {
+        if found.len() >= k || self.estimate(filter) <= found.len() {
+            return Ok(found);
+        }
+        let candidates = self.candidates(view, filter);
+        self.scan(view, query, filter, &candidates, k)
+    }
+
+    /// Scores candidates exactly against their stored vectors; best `k` first.
+    fn scan(
+        &self,
+        view: &SlotView,
+        query: &[f32],
+        filter: &Filter,
+        candidates: &[u64],
+        k: usize,
+    ) -> Result<Vec<(f32, u64)>> {
+        let score = |slot: &u64| -> Result<Option<(f32, u64)>> {
+            let Some(info) = view.live(*slot as usize) else {
+                return Ok(None);
+            };
+            if !filter.accepts(info.kind, &info.metadata) {
+                return Ok(None);
+            }
+            let stored = self.store.vector(&info.id, self.settings.dimension)?;
+            let live = view.live(*slot as usize).is_some();
+            Ok(stored
+                .filter(|_| live)
+                .map(|v| (vector::dot(query, &v), *slot)))
+        };
+        let scored: Result<Vec<Option<(f32, u64)>>> = if candidates.len() >= PARALLEL_SCAN_MIN {
+            candidates.par_iter().map(score).collect()
+        } else {
+            candidates.iter().map(score).collect()
+        };
+
+        let mut scored: Vec<(f32, u64)> = scored?.into_iter().flatten().collect();
+        if scored.len() > k {
+            scored.select_nth_unstable_by(k - 1, by_score);
+            scored.truncate(k);
+        }
+        scored.sort_unstable_by(by_score);
+        Ok(scored)
+    }
+
+    fn hits(&self, view: &SlotView, scored: Vec<(f32, u64)>, scale: f32) -> Vec<Hit> {
+        scored
+            .into_iter()
+            .filter_map(|(similarity, slot)| {
+                let info = view.live(slot as usize)?;
+                Some(Hit {
+                    id: info.id.clone(),
+                    kind: info.kind,
+                    score: similarity * scale,
+                    metadata: info.metadata.clone(),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,231 @@
+//! In-memory view of which graph nodes are live, and what searches need to know about them.
+//!
+//! Every graph node has a slot number (its data id in the graph). Slots are handed out once
+//! and never reused: an update writes a new slot and tombstones the old one. Slot cells are
+//! written once and then only flipped to dead, so searches read them without locks; the
+//! list of chunks is behind a lock held only to clone or grow it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
+
+use crate::types::ItemKind;
+
+/// Slots per chunk.
+const CHUNK: usize = 4096;
+
+/// What a search needs to turn a graph node into a hit.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotInfo {
+    /// Item id.
+    pub id: String,
+    /// Item kind.
+    pub kind: ItemKind,
+    /// Item metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct Cell {
+    info: OnceLock<SlotInfo>,
+    dead: AtomicBool,
+}
+
+type Chunks = Arc<Vec<Arc<[Cell]>>>;
+
+/// Growable table of slot cells.
+#[derive(Default)]
+pub(crate) struct SlotTable {
+    chunks: RwLock<Chunks>,
+}
+
+/// A snapshot of the chunk list; cells stay shared, so later tombstones are visible.
+#[derive(Clone)]
+pub(crate) struct SlotView {
+    chunks: Chunks,
+}
+
+fn new_chunk() -> Arc<[Cell]> {
+    (0..CHUNK).map(|_| Cell::default()).collect()
+}
+
+impl SlotTable {
+    /// Current chunk list.
+    pub fn view(&self) -> SlotView {
+        SlotView {
+            chunks: Arc::clone(&self.chunks.read()),
+        }
+    }
+
+    /// Makes `slot` live with `info`. A slot is published once; a second call is ignored.
+    pub fn publish(&self, slot: u64, info: SlotInfo) {
+        let slot = slot as usize;
+        let chunk = slot / CHUNK;
+        if self.chunks.read().len() <= chunk {
+            let mut guard = self.chunks.write();
+            let mut grown: Vec<_> = guard.as_ref().clone();
+            while grown.len() <= chunk {
+                grown.push(new_chunk());
+            }
+            *guard = Arc::new(grown);
+        }
+
+        let view = self.view();
+        let _ = view.chunks[chunk][slot % CHUNK].info.set(info);
+    }
+
+    /// Tombstones `slot`; it will never be returned again.
+    pub fn kill(&self, slot: u64) {
+        if let Some(cell) = self.view().cell(slot as usize) {
+            cell.dead.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl SlotView {
+    fn cell(&self, slot: usize) -> Option<&Cell> {
+        self.chunks
+            .get(slot / CHUNK)
+            .map(|chunk| &chunk[slot % CHUNK])
+    }
+
+    /// The item at `slot` when it is published and not tombstoned.
+    #[inline]
+    pub fn live(&self, slot: usize) -> Option<&SlotInfo> {
+        let cell = self.cell(slot)?;
+        if cell.dead.load(Ordering::Acquire) {
+            return None;
+        }
+        cell.info.get()
+    }
+
+    /// Number of slots the view covers (live or not).
+    pub fn capacity(&self) -> usize {
+        self.chunks.len() * CHUNK
+    }
+
+    /// Every live slot with its item, in slot order.
+    pub fn iter_live(&self) -> impl Iterator<Item = (u64, &SlotInfo)> + '_ {
+        (0..self.capacity()).filter_map(|slot| self.live(slot).map(|info| (slot as u64, info)))
+    }
+}
+
+/// Inverted lists from a metadata pair to the live slots carrying it.
+#[derive(Default)]
+pub(crate) struct Postings {
+    lists: RwLock<HashMap<String, HashMap<String, BTreeSet<u64>>>>,
+}
+
+impl Postings {
+    /// Indexes a live slot's metadata.
+    pub fn add(&self, slot: u64, metadata: &BTreeMap<String, String>) {
+        if metadata.is_empty() {
+            return;
+        }
+        let mut lists = self.lists.write();
+        for (key, value) in metadata {
+            let values = lists.entry(key.clone()).or_default();
+            values.entry(value.clone()).or_default().insert(slot);
+        }
+    }
+
+    /// Removes a slot that is no longer live.
+    pub fn remove(&self, slot: u64, metadata: &BTreeMap<String, String>) {
+        if metadata.is_empty() {
+            return;
+        }
+        let mut lists = self.lists.write();
+        for (key, value) in metadata {
+            let Some(values) = lists.get_mut(key) else {
+                continue;
+            };
+            if let Some(slots) = values.get_mut(value) {
+                slots.remove(&slot);
+                if slots.is_empty() {
+                    values.remove(value);
+                }
+            }
+        }
+    }
+
+    /// Size of the rarest list of `wanted`: an upper bound on the live items matching every
+    /// pair. `None` when `wanted` is empty.
+    pub fn estimate(&self, wanted: &BTreeMap<String, String>) -> Option<usize> {
+        let lists = self.lists.read();
+        let mut best: Option<usize> = None;
+        for (key, value) in wanted {
+            let count = lists
+                .get(key)
+                .and_then(|values| values.get(value))
+                .map_or(0, BTreeSet::len);
+            best = Some(best.map_or(count, |b| b.min(count)));
+        }
+        best
+    }
+
+    /// Slots of the rarest list of `wanted` (a superset of the matching slots).
+    pub fn candidates(&self, wanted: &BTreeMap<String, String>) -> Vec<u64> {
+        let lists = self.lists.read();
+        let mut best: Option<&BTreeSet<u64>> = None;
+        for (key, value) in wanted {
+            let Some(slots) = lists.get(key).and_then(|values| values.get(value)) else {
+                return Vec::new();
+            };
+            if best.is_none_or(|b| slots.len() < b.len()) {
+                best = Some(slots);
+            }
+        }
+        best.map(|slots| slots.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> SlotInfo {
+        SlotInfo {
+            id: id.to_string(),
+            kind: ItemKind::Image,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn published_slots_are_live_until_killed() {
+        let table = SlotTable::default();
+        table.publish(5000, info("a"));
+        let view = table.view();
+        assert_eq!(view.live(5000).map(|i| i.id.as_str()), Some("a"));
+        assert!(view.live(4999).is_none());
+        assert!(view.live(1 << 40).is_none());
+
+        table.kill(5000);
+        assert!(
+            view.live(5000).is_none(),
+            "an older view must see the tombstone"
+        );
+        assert_eq!(table.view().iter_live().count(), 0);
+    }
+
+    #[test]
+    fn postings_pick_the_rarest_pair() {
+        let postings = Postings::default();
+        let common = BTreeMap::from([("lang".to_string(), "en".to_string())]);
+        let mut rare = common.clone();
+        rare.insert("source".to_string(), "scan".to_string());
+        for slot in 0..10 {
+            postings.add(slot, &common);
+        }
+        postings.add(10, &rare);
+
+        assert_eq!(postings.estimate(&common), Some(11));
+        assert_eq!(postings.candidates(&rare), vec![10]);
+        postings.remove(10, &rare);
+        assert_eq!(postings.estimate(&rare), Some(0));
+        assert_eq!(postings.estimate(&BTreeMap::new()), None);
+    }
+}

@@ -1,0 +1,107 @@
+//! The graph dump is a cache: a damaged, missing or stale dump makes open rebuild the graph
+//! from the stored items, never fail.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use common::{ids, item, open, request, unit_vectors};
+use mplug_index::GraphOrigin;
+
+const DIM: usize = 24;
+const COUNT: usize = 1_500;
+
+fn populated(dir: &Path) -> Vec<Vec<f32>> {
+    let vectors = unit_vectors(COUNT, DIM, 21);
+    let collection = open(dir, DIM);
+    let items = (0..COUNT).map(|i| item(&i.to_string(), vectors[i].clone()));
+    collection.upsert(items.collect()).unwrap();
+    collection.close().unwrap();
+    vectors
+}
+
+/// Files of the current dump directory.
+fn dump_file(dir: &Path, suffix: &str) -> PathBuf {
+    let graph = dir.join("graph");
+    let current = fs::read_to_string(graph.join("CURRENT")).unwrap();
+    let dump = graph.join(current.trim());
+    fs::read_dir(&dump)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(suffix))
+        .unwrap()
+}
+
+/// Reopens, expects `origin`, checks every item is found, then closes (dumping again).
+fn reopen_and_check(dir: &Path, vectors: &[Vec<f32>], origin: GraphOrigin) {
+    let collection = open(dir, DIM);
+    assert_eq!(collection.graph_origin(), origin);
+    assert_eq!(collection.stats().unwrap().images, COUNT as u64);
+    for i in (0..COUNT).step_by(37) {
+        assert_eq!(
+            ids(&collection, &request(&vectors[i], 1)),
+            vec![i.to_string()]
+        );
+    }
+    collection.close().unwrap();
+}
+
+#[test]
+fn flipped_bytes_in_the_graph_file_force_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    let path = dump_file(dir.path(), ".hnsw.graph");
+    let mut bytes = fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 16]
+        .iter_mut()
+        .for_each(|b| *b ^= 0xA5);
+    fs::write(&path, bytes).unwrap();
+
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Reloaded);
+}
+
+#[test]
+fn truncated_data_file_forces_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    let path = dump_file(dir.path(), ".hnsw.data");
+    let len = fs::metadata(&path).unwrap().len();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len / 3).unwrap();
+
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+}
+
+#[test]
+fn garbage_manifest_pointer_or_missing_dump_forces_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    fs::write(dump_file(dir.path(), "manifest.json"), b"{ not json").unwrap();
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+
+    fs::write(dir.path().join("graph/CURRENT"), b"../../etc").unwrap();
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+
+    fs::remove_dir_all(dir.path().join("graph")).unwrap();
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+}
+
+#[test]
+fn dump_older_than_the_last_write_is_not_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    let collection = open(dir.path(), DIM);
+    assert_eq!(collection.graph_origin(), GraphOrigin::Reloaded);
+    collection.delete("3").unwrap();
+    drop(collection);
+
+    let reopened = open(dir.path(), DIM);
+    assert_eq!(reopened.graph_origin(), GraphOrigin::Rebuilt);
+    assert_eq!(reopened.stats().unwrap().images, COUNT as u64 - 1);
+    assert!(!ids(&reopened, &request(&vectors[3], 5)).contains(&"3".to_string()));
+    assert_eq!(ids(&reopened, &request(&vectors[4], 1)), vec!["4"]);
+}

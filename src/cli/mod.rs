@@ -1,0 +1,325 @@
+//! Command-line arguments. Every flag has a long name and an environment variable; the
+//! raw arguments are turned into validated settings here and nowhere else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{EngineConfig, ModelSource};
+use crate::model::Tasks;
+use crate::server::auth::ApiKey;
+use crate::server::{Limits, ServerSettings, TlsFiles};
+use crate::Result;
+
+/// Image-text retrieval on mPLUG: ITC search, ITM rerank, captioning and VQA over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "mplug-search", version)]
+pub struct Cli {
+    /// Log filter (tracing-subscriber syntax, e.g. `info` or `mplug_search=debug`).
+    #[arg(long, env = "MPLUG_SEARCH_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server.
+    Serve(ServeArgs),
+    /// Index every image under a directory (item id = path relative to it).
+    Index(IndexArgs),
+    /// Search by text, or by image with `--image`.
+    Search(SearchArgs),
+    /// Caption an image.
+    Caption(CaptionArgs),
+    /// Ask a question about an image.
+    Ask(AskArgs),
+    /// Print the ITC vector of an image or a text as JSON.
+    Embed(EmbedArgs),
+    /// Print collection and engine statistics as JSON.
+    Stats(ClientArgs),
+}
+
+/// Which checkpoint to load.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Checkpoint file: `.safetensors`, AliceMind `.pth` or ModelScope `pytorch_model.bin`.
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_CHECKPOINT",
+        default_value = "models/tiny-easyvqa/model.safetensors"
+    )]
+    pub checkpoint: PathBuf,
+
+    /// The model's JSON config (heads, eps, stride, tokenizer, generation defaults).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_MODEL_CONFIG",
+        default_value = "models/tiny-easyvqa/mplug.json"
+    )]
+    pub model_config: PathBuf,
+
+    /// Largest image accepted, in pixels (width × height), checked before decoding.
+    #[arg(long, env = "MPLUG_SEARCH_MAX_PIXELS", default_value_t = 64 << 20)]
+    pub max_pixels: u64,
+}
+
+impl ModelArgs {
+    fn source(&self) -> ModelSource {
+        ModelSource {
+            checkpoint: self.checkpoint.clone(),
+            config: self.model_config.clone(),
+            tasks: Tasks::ALL,
+            max_pixels: self.max_pixels,
+        }
+    }
+}
+
+/// Sizes of the engine.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Query encodes that may wait before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MPLUG_SEARCH_INTERACTIVE_QUEUE", default_value_t = 64)]
+    pub interactive_queue: usize,
+    /// Ingest encodes that may wait (ingest waits for room instead of failing).
+    #[arg(long, env = "MPLUG_SEARCH_BULK_QUEUE", default_value_t = 256)]
+    pub bulk_queue: usize,
+    /// Rerank, match, caption and VQA requests that may wait.
+    #[arg(long, env = "MPLUG_SEARCH_HEAVY_QUEUE", default_value_t = 32)]
+    pub heavy_queue: usize,
+    /// Threads encoding queries.
+    #[arg(long, env = "MPLUG_SEARCH_INTERACTIVE_THREADS", default_value_t = 1)]
+    pub interactive_threads: usize,
+    /// Threads running heavy requests.
+    #[arg(long, env = "MPLUG_SEARCH_HEAVY_THREADS", default_value_t = 1)]
+    pub heavy_threads: usize,
+    /// Most images or texts per encode batch.
+    #[arg(long, env = "MPLUG_SEARCH_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
+    /// How long an encode batch waits to fill, in milliseconds.
+    #[arg(long, env = "MPLUG_SEARCH_BATCH_DEADLINE_MS", default_value_t = 5)]
+    pub batch_deadline_ms: u64,
+    /// Byte budget of the rerank feature cache, in MiB.
+    #[arg(long, env = "MPLUG_SEARCH_CACHE_MIB", default_value_t = 512)]
+    pub cache_mib: usize,
+}
+
+impl EngineArgs {
+    fn config(&self) -> EngineConfig {
+        EngineConfig {
+            interactive_queue: self.interactive_queue,
+            bulk_queue: self.bulk_queue,
+            heavy_queue: self.heavy_queue,
+            interactive_threads: self.interactive_threads,
+            heavy_threads: self.heavy_threads,
+            max_batch: self.max_batch,
+            batch_deadline: Duration::from_millis(self.batch_deadline_ms),
+            cache_bytes: self.cache_mib << 20,
+        }
+    }
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address. Anything but loopback requires `--api-key`.
+    #[arg(long, env = "MPLUG_SEARCH_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address; metrics are off when absent.
+    #[arg(long, env = "MPLUG_SEARCH_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// API key clients must send (`authorization: Bearer <key>` or `x-api-key`).
+    #[arg(long, env = "MPLUG_SEARCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// TLS certificate chain (PEM); needs `--tls-key`.
+    #[arg(long, env = "MPLUG_SEARCH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs `--tls-cert`.
+    #[arg(long, env = "MPLUG_SEARCH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Directory holding the collection.
+    #[arg(long, env = "MPLUG_SEARCH_DATA_DIR", default_value = ".data")]
+    pub data_dir: PathBuf,
+    /// Largest request message, in MiB.
+    #[arg(long, env = "MPLUG_SEARCH_MAX_MESSAGE_MIB", default_value_t = 32)]
+    pub max_message_mib: usize,
+    /// Model flags.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Engine flags.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl ServeArgs {
+    /// Validated server settings. Errors name the offending flag.
+    pub fn settings(&self) -> Result<ServerSettings> {
+        let api_key = self.api_key.as_deref().map(ApiKey::new).transpose()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        let settings = ServerSettings {
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            api_key,
+            tls,
+            data_dir: self.data_dir.clone(),
+            model: self.model.source(),
+            engine: self.engine.config(),
+            hnsw: Default::default(),
+            limits: Limits {
+                max_message_bytes: self.max_message_mib << 20,
+                ..Limits::default()
+            },
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+/// How a client command reaches a server: a running one, or an embedded one over a
+/// local data directory.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// URL of a running server.
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+    /// API key to send.
+    #[arg(long, env = "MPLUG_SEARCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Run an embedded server over this data directory instead of connecting to `--server`.
+    #[arg(long, env = "MPLUG_SEARCH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Model flags (for the embedded server).
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+impl ClientArgs {
+    /// Settings of the embedded server on a free loopback port, when `--data-dir` is set.
+    pub fn embedded_settings(&self) -> Option<ServerSettings> {
+        let data_dir = self.data_dir.clone()?;
+        Some(ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            api_key: None,
+            tls: None,
+            data_dir,
+            model: self.model.source(),
+            engine: EngineConfig::default(),
+            hnsw: Default::default(),
+            limits: Limits::default(),
+        })
+    }
+}
+
+/// Flags of `index`.
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// Directory to walk.
+    pub dir: PathBuf,
+    /// Connection flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `search`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Query text (omit with `--image`).
+    pub text: Option<String>,
+    /// Query image file.
+    #[arg(long, env = "MPLUG_SEARCH_QUERY_IMAGE", conflicts_with = "text")]
+    pub image: Option<PathBuf>,
+    /// Number of hits.
+    #[arg(long, short, env = "MPLUG_SEARCH_K", default_value_t = 10)]
+    pub k: u32,
+    /// Rerank candidates with the ITM head.
+    #[arg(long, env = "MPLUG_SEARCH_RERANK")]
+    pub rerank: bool,
+    /// Candidates to rerank (0 = server default).
+    #[arg(long, env = "MPLUG_SEARCH_RERANK_K", default_value_t = 0)]
+    pub rerank_k: u32,
+    /// Metadata filter `key=value` (repeatable; all must match).
+    #[arg(long, env = "MPLUG_SEARCH_FILTER", value_delimiter = ',')]
+    pub filter: Vec<String>,
+    /// Connection flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `caption`.
+#[derive(Debug, Args)]
+pub struct CaptionArgs {
+    /// Image file.
+    pub file: PathBuf,
+    /// Connection flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `ask`.
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// Image file.
+    pub file: PathBuf,
+    /// The question.
+    pub question: String,
+    /// Connection flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Flags of `embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Image file to embed.
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_EMBED_IMAGE",
+        conflicts_with = "text",
+        required_unless_present = "text"
+    )]
+    pub image: Option<PathBuf>,
+    /// Text to embed.
+    #[arg(long, env = "MPLUG_SEARCH_EMBED_TEXT")]
+    pub text: Option<String>,
+    /// Connection flags.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_parse_and_a_public_bind_needs_a_key() {
+        Cli::command_for_tests().debug_assert();
+        let cli = Cli::parse_from(["mplug-search", "serve", "--listen", "0.0.0.0:9000"]);
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        let error = args.settings().expect_err("public bind without key");
+        assert!(error.to_string().contains("api key"), "{error}");
+    }
+
+    impl Cli {
+        fn command_for_tests() -> clap::Command {
+            <Self as clap::CommandFactory>::command()
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Validation of request fields and conversions between API and index types.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+
+use mplug_index::ItemKind;
+
+use super::proto;
+use super::settings::Limits;
+use crate::{Error, Result};
+
+/// `Error::InvalidArgument` for `field`.
+pub fn invalid(field: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The API kind of an index kind.
+pub fn kind_to_proto(kind: ItemKind) -> proto::ItemKind {
+    match kind {
+        ItemKind::Image => proto::ItemKind::Image,
+        ItemKind::Text => proto::ItemKind::Text,
+    }
+}
+
+/// The index kinds of a request's target kinds; `None` for an empty list (all kinds).
+pub fn target_kinds(values: &[i32]) -> Result<Option<Vec<ItemKind>>> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let mut kinds = Vec::new();
+    for &value in values {
+        let kind = match proto::ItemKind::try_from(value) {
+            Ok(proto::ItemKind::Image) => ItemKind::Image,
+            Ok(proto::ItemKind::Text) => ItemKind::Text,
+            _ => {
+                let reason = format!("{value} is not ITEM_KIND_IMAGE (1) or ITEM_KIND_TEXT (2)");
+                return Err(invalid("target_kinds", reason));
+            }
+        };
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    Ok(Some(kinds))
+}
+
+/// Checks a text: non-empty after trimming and within the byte limit.
+pub fn text(field: &str, value: &str, limits: &Limits) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > limits.max_text_bytes {
+        let reason = format!(
+            "{} bytes exceeds the limit of {} bytes",
+            value.len(),
+            limits.max_text_bytes
+        );
+        return Err(invalid(field, reason));
+    }
+    Ok(())
+}
+
+/// Checks an item id: 1 to `mplug_index::MAX_ID_BYTES` bytes, no control characters.
+pub fn item_id(field: &str, id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > mplug_index::MAX_ID_BYTES {
+        let reason = format!(
+            "expected 1 to {} bytes, got {}",
+            mplug_index::MAX_ID_BYTES,
+            id.len()
+        );
+        return Err(invalid(field, reason));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format!("{id:?} contains control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks and orders metadata: at most the entry limit, keys non-empty, every key and
+/// value within the text limit.
+pub fn metadata(
+    field: &str,
+    values: HashMap<String, String>,
+    limits: &Limits,
+) -> Result<BTreeMap<String, String>> {
+    if values.len() > limits.max_metadata_entries {
+        let reason = format!(
+            "{} entries exceeds the limit of {}",
+            values.len(),
+            limits.max_metadata_entries
+        );
+        return Err(invalid(field, reason));
+    }
+    for (key, value) in &values {
+        if key.is_empty() {
+            return Err(invalid(field, "keys must not be empty"));
+        }
+        if key.len() + value.len() > limits.max_text_bytes {
+            return Err(invalid(field, format!("entry {key:?} is too long")));
+        }
+    }
+    Ok(values.into_iter().collect())
+}
+
+/// Checks `k`: 1 to the limit.
+pub fn k(value: u32, limits: &Limits) -> Result<usize> {
+    let value = value as usize;
+    if value == 0 || value > limits.max_k {
+        let reason = format!("expected 1..={}, got {value}", limits.max_k);
+        return Err(invalid("k", reason));
+    }
+    Ok(value)
+}
+
+/// The number of candidates to rerank: the request's value or the default, at least
+/// `k` and at most the limit.
+pub fn rerank_k(value: u32, k: usize, limits: &Limits) -> Result<usize> {
+    let value = match value as usize {
+        0 => k
+            .max(limits.default_rerank_k)
+            .min(limits.max_rerank_k.max(k)),
+        v => v,
+    };
+    if value < k || value > limits.max_rerank_k.max(k) {
+        let reason = format!("expected {k}..={}, got {value}", limits.max_rerank_k.max(k));
+        return Err(invalid("rerank_k", reason));
+    }
+    Ok(value)
+}
+
+/// BLAKE3 hash of an item's content, distinct for an image and a text of the same bytes.
+pub fn content_hash(kind: ItemKind, bytes: &[u8]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(match kind {
+        ItemKind::Image => b"image\0",
+        ItemKind::Text => b"text\0\0",
+    });
+    hasher.update(bytes);
+    *hasher.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k_and_rerank_k_bounds() {
+        let limits = Limits::default();
+        assert!(k(0, &limits).is_err());
+        assert!(k(u32::MAX, &limits).is_err());
+        assert_eq!(k(5, &limits).expect("5 is valid"), 5);
+
+        assert_eq!(rerank_k(0, 5, &limits).expect("default"), 32);
+        assert_eq!(rerank_k(0, 300, &limits).expect("k above the cap"), 300);
+        assert!(rerank_k(3, 5, &limits).is_err());
+        assert!(rerank_k(10_000, 5, &limits).is_err());
+    }
+
+    #[test]
+    fn texts_must_be_non_empty_and_bounded() {
+        let limits = Limits::default();
+        assert!(text("text", " \n", &limits).is_err());
+        assert!(text("text", &"a".repeat(limits.max_text_bytes + 1), &limits).is_err());
+        assert!(text("text", "a red circle", &limits).is_ok());
+    }
+
+    #[test]
+    fn unknown_target_kinds_are_rejected() {
+        assert_eq!(target_kinds(&[]).expect("empty is all"), None);
+        assert_eq!(
+            target_kinds(&[1, 1]).expect("valid"),
+            Some(vec![ItemKind::Image])
+        );
+        assert!(target_kinds(&[0]).is_err());
+        assert!(target_kinds(&[7]).is_err());
+    }
+
+    #[test]
+    fn content_hash_separates_kinds() {
+        let a = content_hash(ItemKind::Image, b"x");
+        assert_ne!(a, content_hash(ItemKind::Text, b"x"));
+        assert_eq!(a, content_hash(ItemKind::Image, b"x"));
+    }
+}

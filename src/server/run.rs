@@ -1,0 +1,249 @@
+//! Starting and stopping a server: bind, serve health and reflection at once, load the
+//! model and the collection in the background, then report SERVING.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use mplug_index::{Collection, Metric, Settings};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use super::api::{Api, Ready, ReadySlot};
+use super::auth::Authenticator;
+use super::proto::{mplug_search_server::MplugSearchServer, FILE_DESCRIPTOR_SET};
+use super::settings::{ServerSettings, TlsFiles};
+use crate::engine::{Engine, MplugBackend};
+use crate::{Error, Result};
+
+/// Sub-directory of the data directory holding the collection.
+pub const COLLECTION_DIR: &str = "collection";
+
+/// How often the graph is dumped so that a restart after a crash can reload it.
+const GRAPH_DUMP_INTERVAL: Duration = Duration::from_secs(300);
+
+/// gRPC service name reported by health.
+pub const SERVICE_NAME: &str = "mplug_search.v1.MplugSearch";
+
+/// A server started by [`start`].
+pub struct RunningServer {
+    /// The address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    ready: ReadySlot,
+    loaded: Option<oneshot::Receiver<Result<()>>>,
+    stop: Option<oneshot::Sender<()>>,
+    serving: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    dumper: JoinHandle<()>,
+}
+
+/// Binds `settings.listen`, starts serving (health NOT_SERVING, API UNAVAILABLE) and
+/// loads the model and collection in the background. Errors: invalid settings, a port
+/// that cannot be bound, unreadable TLS files.
+pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
+    settings.validate()?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| io_error(&settings.listen.to_string(), source))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| io_error(&settings.listen.to_string(), source))?;
+    if let Some(metrics) = settings.metrics_listen {
+        start_metrics(metrics)?;
+    }
+
+    let ready: ReadySlot = Arc::new(OnceLock::new());
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+
+    let api = Api::new(ready.clone(), settings.limits.clone());
+    let max_message = settings.limits.max_message_bytes;
+    let auth = Authenticator::new(settings.api_key.clone());
+    let search = MplugSearchServer::new(api)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let search = tonic::service::interceptor::InterceptedService::new(search, auth.clone());
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| invalid_setting("reflection", error.to_string()))?;
+    let reflection = tonic::service::interceptor::InterceptedService::new(reflection, auth);
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &settings.tls {
+        builder = builder
+            .tls_config(tls_config(tls)?)
+            .map_err(|error| invalid_setting("tls", error.to_string()))?;
+    }
+    let (stop, stopped) = oneshot::channel::<()>();
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(search);
+    let incoming = TcpListenerStream::new(listener);
+    let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stopped.await;
+    }));
+    let (auth, tls) = (settings.api_key.is_some(), settings.tls.is_some());
+    tracing::info!(%addr, auth, tls, "listening");
+
+    let (loaded_tx, loaded) = oneshot::channel();
+    let load_slot = ready.clone();
+    tokio::spawn(async move {
+        let outcome = load(&settings, &load_slot).await;
+        if outcome.is_ok() {
+            health
+                .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+                .await;
+            health.set_service_status("", ServingStatus::Serving).await;
+            tracing::info!("model loaded; serving");
+        }
+        let _ = loaded_tx.send(outcome);
+    });
+    let dumper = tokio::spawn(dump_periodically(ready.clone()));
+    Ok(RunningServer {
+        addr,
+        ready,
+        loaded: Some(loaded),
+        stop: Some(stop),
+        serving,
+        dumper,
+    })
+}
+
+impl RunningServer {
+    /// Waits until the model and the collection are loaded; returns their load error.
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        let Some(loaded) = self.loaded.take() else {
+            return Ok(());
+        };
+        loaded.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Stops accepting requests, waits for the server to finish, dumps the graph and
+    /// closes the collection.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.dumper.abort();
+        let served = (&mut self.serving).await;
+        if let Ok(Err(error)) = served {
+            tracing::warn!(%error, "server ended with an error");
+        }
+        let Some(ready) = self.ready.get().cloned() else {
+            return Ok(());
+        };
+        let collection = ready.collection.clone();
+        drop(ready);
+        super::api::blocking("close", move || {
+            collection.dump_graph()?;
+            if let Ok(collection) = Arc::try_unwrap(collection) {
+                collection.close()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
+    let source = settings.model.clone();
+    let backend = super::api::blocking("load model", move || MplugBackend::load(&source)).await?;
+    let info = backend.info_snapshot();
+    let engine = Engine::start(Arc::new(backend), &settings.engine)?;
+
+    let index_settings = Settings {
+        dimension: info.embed_dim,
+        metric: Metric::Cosine,
+        hnsw: settings.hnsw.clone(),
+        model_id: info.model_id.clone(),
+    };
+    let dir = settings.data_dir.join(COLLECTION_DIR);
+    let collection = super::api::blocking("open collection", move || {
+        std::fs::create_dir_all(&dir).map_err(|source| io_error(&dir.to_string_lossy(), source))?;
+        Ok(Collection::open(&dir, index_settings)?)
+    })
+    .await?;
+    tracing::info!(
+        model = info.model_id,
+        dimension = info.embed_dim,
+        "collection open"
+    );
+
+    let ready = Ready {
+        engine,
+        collection: Arc::new(collection),
+    };
+    let _ = slot.set(Arc::new(ready));
+    Ok(())
+}
+
+async fn dump_periodically(ready: ReadySlot) {
+    let mut ticks = tokio::time::interval(GRAPH_DUMP_INTERVAL);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(ready) = ready.get().cloned() else {
+            continue;
+        };
+        let collection = ready.collection.clone();
+        let dumped = super::api::blocking("dump graph", move || Ok(collection.dump_graph()?));
+        if let Err(error) = dumped.await {
+            tracing::warn!(%error, "periodic graph dump failed");
+        }
+    }
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    Ok(ServerTlsConfig::new().identity(identity))
+}
+
+fn start_metrics(addr: SocketAddr) -> Result<()> {
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&super::METRIC_BUCKETS_SECONDS)
+        .map_err(|error| invalid_setting("metrics", error.to_string()))?;
+    let (recorder, exporter) = builder
+        .build()
+        .map_err(|error| invalid_setting("metrics_listen", error.to_string()))?;
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!("a metrics recorder is already installed; keeping it");
+    }
+    tokio::spawn(async move {
+        if exporter.await.is_err() {
+            tracing::warn!("the metrics exporter stopped");
+        }
+    });
+    tracing::info!(%addr, "metrics exporter listening");
+    Ok(())
+}
+
+fn io_error(what: &str, source: std::io::Error) -> Error {
+    Error::Io {
+        path: what.into(),
+        source,
+    }
+}
+
+fn invalid_setting(field: &str, reason: String) -> Error {
+    Error::InvalidArgument {
+        field: field.into(),
+        reason,
+    }
+}

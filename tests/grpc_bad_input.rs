@@ -1,0 +1,182 @@
+//! Every kind of bad input gets a clear status and the server keeps serving.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use mplug_search::server::proto::{self, ingest_request::Content, search_request::Query};
+use tonic::Code;
+
+type Client = proto::mplug_search_client::MplugSearchClient<tonic::transport::Channel>;
+
+async fn embed_image_code(client: &mut Client, image: Vec<u8>) -> (Code, String) {
+    let status = client
+        .embed_image(proto::EmbedImageRequest { image })
+        .await
+        .expect_err("bad image is refused");
+    (status.code(), status.message().to_string())
+}
+
+async fn search_code(client: &mut Client, request: proto::SearchRequest) -> Code {
+    client
+        .search(request)
+        .await
+        .expect_err("bad search is refused")
+        .code()
+}
+
+async fn assert_still_serving(client: &mut Client) {
+    let request = proto::EmbedTextRequest {
+        text: "still here".into(),
+    };
+    client
+        .embed_text(request)
+        .await
+        .expect("server keeps serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_images_are_invalid_arguments() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(dir.path(), None)).await;
+    let mut client = client(server.addr).await;
+
+    let png = shape_png(64, [10, 20, 30], 0);
+    let mut corrupt = rgb_jpeg();
+    let middle = corrupt.len() / 2;
+    corrupt[middle..].iter_mut().for_each(|b| *b = 0xFF);
+    let cases = [
+        ("truncated", png[..png.len() / 2].to_vec()),
+        ("corrupt", corrupt),
+        ("not an image", b"hello, this is plain text".to_vec()),
+        ("zero bytes", Vec::new()),
+        ("bomb", png_claiming(100_000, 100_000)),
+    ];
+    for (name, bytes) in cases {
+        let (code, message) = embed_image_code(&mut client, bytes).await;
+        assert_eq!(code, Code::InvalidArgument, "{name}: {message}");
+        assert!(!message.is_empty(), "{name}");
+        assert_still_serving(&mut client).await;
+    }
+    let (_, bomb) = embed_image_code(&mut client, png_claiming(100_000, 100_000)).await;
+    assert!(bomb.contains("100000x100000"), "{bomb}");
+
+    let item = proto::IngestRequest {
+        id: "broken".into(),
+        content: Some(Content::Image(b"GIF89a broken".to_vec())),
+        metadata: HashMap::new(),
+    };
+    let response = client
+        .ingest(futures::stream::iter(vec![item]))
+        .await
+        .expect("ingest");
+    let result = response
+        .into_inner()
+        .message()
+        .await
+        .expect("stream")
+        .expect("one result");
+    assert_eq!(result.status(), proto::IngestStatus::Rejected);
+    assert!(!result.reason.is_empty());
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_texts_k_ids_and_messages_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(dir.path(), None)).await;
+    let mut client = client(server.addr).await;
+    let search = |query: Query, k: u32| proto::SearchRequest {
+        query: Some(query),
+        k,
+        ..Default::default()
+    };
+
+    let text = |t: &str| Query::Text(t.into());
+    assert_eq!(
+        search_code(&mut client, search(text(""), 3)).await,
+        Code::InvalidArgument
+    );
+    let huge = "word ".repeat(10_000);
+    assert_eq!(
+        search_code(&mut client, search(text(&huge), 3)).await,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        search_code(&mut client, search(text("a"), 0)).await,
+        Code::InvalidArgument
+    );
+    let absurd = search(text("a"), u32::MAX);
+    assert_eq!(
+        search_code(&mut client, absurd).await,
+        Code::InvalidArgument
+    );
+    let unknown = search(Query::ItemId("no/such/item".into()), 3);
+    assert_eq!(search_code(&mut client, unknown).await, Code::NotFound);
+    let no_query = proto::SearchRequest {
+        k: 3,
+        ..Default::default()
+    };
+    assert_eq!(
+        search_code(&mut client, no_query).await,
+        Code::InvalidArgument
+    );
+    let kinds = proto::SearchRequest {
+        target_kinds: vec![42],
+        ..search(text("a"), 3)
+    };
+    assert_eq!(search_code(&mut client, kinds).await, Code::InvalidArgument);
+    assert_still_serving(&mut client).await;
+
+    let oversized = proto::EmbedImageRequest {
+        image: vec![0u8; 2 << 20],
+    };
+    let status = client
+        .embed_image(oversized)
+        .await
+        .expect_err("oversized message");
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert_still_serving(&mut client).await;
+
+    let code = invalid_utf8_filter_code(server.addr).await;
+    assert_eq!(code, Code::InvalidArgument);
+    assert_still_serving(&mut client).await;
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// A search request whose metadata filter values are raw bytes, so that a test can send
+/// what the real `map<string, string>` field cannot hold: invalid UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawSearchRequest {
+    #[prost(string, tag = "1")]
+    text: String,
+    #[prost(uint32, tag = "5")]
+    k: u32,
+    #[prost(map = "string, bytes", tag = "6")]
+    filter: HashMap<String, Vec<u8>>,
+}
+
+async fn invalid_utf8_filter_code(addr: std::net::SocketAddr) -> Code {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect()
+        .await
+        .expect("connects");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("channel ready");
+    let request = RawSearchRequest {
+        text: "a square".into(),
+        k: 3,
+        filter: HashMap::from([("color".to_string(), vec![0xFF, 0xFE, b'r'])]),
+    };
+    let path = "/mplug_search.v1.MplugSearch/Search"
+        .parse()
+        .expect("valid path");
+    let codec = tonic::codec::ProstCodec::<RawSearchRequest, proto::SearchResponse>::default();
+    let answer = grpc.unary(tonic::Request::new(request), path, codec).await;
+    answer.expect_err("invalid UTF-8 is refused").code()
+}
