@@ -85,4 +85,4 @@ ask 3.png "does the image not contain a red shape?"
 ask 4.png "what is the color of the shape?"
 
 section "held-out quality (eval on the 1000 easy-VQA test images)"
-"$bin" eval --checkpoint "$checkpoint" --config "$config" --easy-vqa "$easy_vqa"
+"$bin" eval --checkpoint "$checkpoint" --model-config "$config" --easy-vqa "$easy_vqa"

@@ -26,10 +26,10 @@ pub struct EvalArgs {
     /// The checkpoint's model config.
     #[arg(
         long,
-        env = "MPLUG_EVAL_CONFIG",
+        env = "MPLUG_EVAL_MODEL_CONFIG",
         default_value = "models/tiny-easyvqa/mplug.json"
     )]
-    pub config: PathBuf,
+    pub model_config: PathBuf,
 
     /// easy-VQA package folder (holding `data/test`); used when no --manifest is given.
     #[arg(
@@ -83,7 +83,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
     let device = Device::Cpu;
     let model = Mplug::load(
         &args.checkpoint,
-        &args.config,
+        &args.model_config,
         Tasks::ALL,
         &device,
         DType::F32,
