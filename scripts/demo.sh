@@ -6,7 +6,8 @@
 #
 # Environment overrides: MPLUG_DEMO_PORT (default 50151), MPLUG_DEMO_DATA (default
 # .data/demo), MPLUG_DEMO_CHECKPOINT / MPLUG_DEMO_CONFIG (default: the embedded model),
-# MPLUG_DEMO_IMAGES (default: the easy-VQA test images).
+# MPLUG_DEMO_IMAGES (default: the easy-VQA test images). The held-out evaluation runs only for
+# the embedded model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,22 +68,24 @@ for query in "a red circle" "a blue triangle" "a yellow rectangle" "a teal circl
     "$bin" search "$query" --rerank --k 5 --server "$server"
 done
 
+mapfile -t samples < <(find "$images" -maxdepth 1 -type f \( -name '*.png' -o -name '*.jpg' \
+    -o -name '*.jpeg' -o -name '*.webp' \) | sort | head -n 5)
+
 section "captions"
-for id in 0 1 2 3 4; do
-    printf '%s: ' "$id.png"
-    "$bin" caption "$images/$id.png" --server "$server"
+for file in "${samples[@]}"; do
+    printf '%s: ' "$(basename "$file")"
+    "$bin" caption "$file" --server "$server"
 done
 
 section "questions"
-ask() {
-    printf '%s | %s -> ' "$1" "$2"
-    "$bin" ask "$images/$1" "$2" --server "$server"
-}
-ask 0.png "what color is the shape?"
-ask 1.png "what shape is in the image?"
-ask 2.png "is there a circle?"
-ask 3.png "does the image not contain a red shape?"
-ask 4.png "what is the color of the shape?"
+questions=("what color is the shape?" "what shape is in the image?" "is there a circle?"
+    "does the image not contain a red shape?" "what is the color of the shape?")
+for i in "${!samples[@]}"; do
+    printf '%s | %s -> ' "$(basename "${samples[$i]}")" "${questions[$i]}"
+    "$bin" ask "${samples[$i]}" "${questions[$i]}" --server "$server"
+done
 
-section "held-out quality (eval on the 1000 easy-VQA test images)"
-"$bin" eval --checkpoint "$checkpoint" --model-config "$config" --easy-vqa "$easy_vqa"
+if [[ "$checkpoint" == models/tiny-easyvqa/model.safetensors ]]; then
+    section "held-out quality (eval on the 1000 easy-VQA test images)"
+    "$bin" eval --checkpoint "$checkpoint" --model-config "$config" --easy-vqa "$easy_vqa"
+fi
