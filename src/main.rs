@@ -142,7 +142,7 @@ where
         .with_context(|| format!("cannot connect to {url}"))?;
     let key = match &args.api_key {
         Some(key) => Some(
-            format!("Bearer {key}")
+            format!("Bearer {}", key.0)
                 .parse()
                 .context("api key is not ASCII")?,
         ),
