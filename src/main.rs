@@ -319,11 +319,8 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
             let result = result?;
             let status = result.status();
             if status == IngestStatus::Rejected {
-                progress.println(format!(
-                    "{}: {}",
-                    root.join(&result.id).display(),
-                    result.reason
-                ));
+                let line = format!("{}: {}", root.join(&result.id).display(), result.reason);
+                progress.suspend(|| eprintln!("{line}"));
             }
             *counts.entry(status.as_str_name()).or_default() += 1;
             progress.inc(1);
