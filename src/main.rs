@@ -142,7 +142,7 @@ where
         .with_context(|| format!("cannot connect to {url}"))?;
     let key = match &args.api_key {
         Some(key) => Some(
-            format!("Bearer {key}")
+            format!("Bearer {}", key.0)
                 .parse()
                 .context("api key is not ASCII")?,
         ),
@@ -319,11 +319,8 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
             let result = result?;
             let status = result.status();
             if status == IngestStatus::Rejected {
-                progress.println(format!(
-                    "{}: {}",
-                    root.join(&result.id).display(),
-                    result.reason
-                ));
+                let line = format!("{}: {}", root.join(&result.id).display(), result.reason);
+                progress.suspend(|| eprintln!("{line}"));
             }
             *counts.entry(status.as_str_name()).or_default() += 1;
             progress.inc(1);

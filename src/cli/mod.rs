@@ -45,6 +45,25 @@ pub enum Command {
     Stats(ClientArgs),
 }
 
+/// A secret flag value (the API key): its `Debug` is redacted so that printing the
+/// arguments never shows it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
+}
+
 /// Which checkpoint to load.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -135,7 +154,7 @@ pub struct ServeArgs {
     pub metrics_listen: Option<SocketAddr>,
     /// API key clients must send (`authorization: Bearer <key>` or `x-api-key`).
     #[arg(long, env = "MPLUG_SEARCH_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// TLS certificate chain (PEM); needs `--tls-key`.
     #[arg(long, env = "MPLUG_SEARCH_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -159,7 +178,11 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Validated server settings. Errors name the offending flag.
     pub fn settings(&self) -> Result<ServerSettings> {
-        let api_key = self.api_key.as_deref().map(ApiKey::new).transpose()?;
+        let api_key = self
+            .api_key
+            .as_ref()
+            .map(|key| ApiKey::new(&key.0))
+            .transpose()?;
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -199,7 +222,7 @@ pub struct ClientArgs {
     pub server: String,
     /// API key to send.
     #[arg(long, env = "MPLUG_SEARCH_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Run an embedded server over this data directory instead of connecting to `--server`.
     #[arg(long, env = "MPLUG_SEARCH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -315,6 +338,14 @@ mod tests {
         };
         let error = args.settings().expect_err("public bind without key");
         assert!(error.to_string().contains("api key"), "{error}");
+
+        let key = "a-very-secret-key-123456";
+        let cli = Cli::parse_from(["mplug-search", "serve", "--api-key", key]);
+        assert!(!format!("{cli:?}").contains(key), "arguments print the key");
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        assert!(args.settings().is_ok());
     }
 
     impl Cli {
