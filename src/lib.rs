@@ -5,6 +5,7 @@
 //! The model never sees gRPC and the index never sees the model.
 
 pub mod cli;
+pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -13,6 +13,7 @@ use mplug_search::server::proto::{
     search_request::Query, IngestStatus,
 };
 use mplug_search::server::{start, RunningServer};
+use mplug_search::train::{run_eval, run_train, TrainArgs};
 use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -28,11 +29,36 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+
+    let command = match cli.command {
+        Command::Train(args) => return train(&args),
+        Command::Eval(args) => {
+            println!("{}", run_eval(&args).context("evaluation failed")?);
+            return Ok(());
+        }
+        command => command,
+    };
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli.command))
+    runtime.block_on(run(command))
+}
+
+/// Trains a checkpoint and prints a one-line summary.
+fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    let summary = run_train(args).context("training failed")?;
+    let [itc, itm, caption, vqa] = summary.final_losses;
+    println!(
+        "trained {} parameters for {} steps in {:.0} s; final losses itc {itc:.4} itm {itm:.4} \
+         caption {caption:.4} vqa {vqa:.4}; wrote {}",
+        summary.parameters,
+        summary.steps,
+        summary.seconds,
+        summary.out.display()
+    );
+    Ok(())
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -67,6 +93,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Embed(args) => embed(args).await,
+        Command::Train(_) | Command::Eval(_) => bail!("training runs outside the async runtime"),
         Command::Stats(args) => {
             with_client(&args, |mut client| async move {
                 let stats = client.stats(proto::StatsRequest {}).await?.into_inner();
@@ -120,7 +147,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let mut embedded: Option<RunningServer> = None;
-    let url = match args.embedded_settings() {
+    let url = match args.embedded_settings()? {
         Some(settings) => {
             let mut server = start(settings)
                 .await

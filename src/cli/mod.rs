@@ -2,7 +2,7 @@
 //! raw arguments are turned into validated settings here and nowhere else.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -43,6 +43,10 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Print collection and engine statistics as JSON.
     Stats(ClientArgs),
+    /// Train an mPLUG checkpoint (ITC, ITM and LM losses) on easy-VQA or a JSONL dataset.
+    Train(crate::train::TrainArgs),
+    /// Measure a checkpoint on held-out data (retrieval precision, rerank, caption, VQA).
+    Eval(crate::train::EvalArgs),
 }
 
 /// A secret flag value (the API key): its `Debug` is redacted so that printing the
@@ -68,20 +72,14 @@ impl std::str::FromStr for Secret {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Checkpoint file: `.safetensors`, AliceMind `.pth` or ModelScope `pytorch_model.bin`.
-    #[arg(
-        long,
-        env = "MPLUG_SEARCH_CHECKPOINT",
-        default_value = "models/tiny-easyvqa/model.safetensors"
-    )]
-    pub checkpoint: PathBuf,
+    /// Default: the built-in tiny model (written once under the data directory).
+    #[arg(long, env = "MPLUG_SEARCH_CHECKPOINT", requires = "model_config")]
+    pub checkpoint: Option<PathBuf>,
 
-    /// The model's JSON config (heads, eps, stride, tokenizer, generation defaults).
-    #[arg(
-        long,
-        env = "MPLUG_SEARCH_MODEL_CONFIG",
-        default_value = "models/tiny-easyvqa/mplug.json"
-    )]
-    pub model_config: PathBuf,
+    /// The model's JSON config (heads, eps, stride, tokenizer, generation defaults); needed
+    /// with `--checkpoint`.
+    #[arg(long, env = "MPLUG_SEARCH_MODEL_CONFIG", requires = "checkpoint")]
+    pub model_config: Option<PathBuf>,
 
     /// Largest image accepted, in pixels (width × height), checked before decoding.
     #[arg(long, env = "MPLUG_SEARCH_MAX_PIXELS", default_value_t = 64 << 20)]
@@ -89,13 +87,22 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn source(&self) -> ModelSource {
-        ModelSource {
-            checkpoint: self.checkpoint.clone(),
-            config: self.model_config.clone(),
+    /// The model to load: the given checkpoint and config, or the built-in model written
+    /// under `data_dir`. Errors when the built-in files cannot be written.
+    fn source(&self, data_dir: &Path) -> Result<ModelSource> {
+        let (checkpoint, config) = match (&self.checkpoint, &self.model_config) {
+            (Some(checkpoint), Some(config)) => (checkpoint.clone(), config.clone()),
+            _ => {
+                let files = crate::embedded::materialise(data_dir)?;
+                (files.checkpoint, files.config)
+            }
+        };
+        Ok(ModelSource {
+            checkpoint,
+            config,
             tasks: Tasks::ALL,
             max_pixels: self.max_pixels,
-        }
+        })
     }
 }
 
@@ -196,7 +203,7 @@ impl ServeArgs {
             api_key,
             tls,
             data_dir: self.data_dir.clone(),
-            model: self.model.source(),
+            model: self.model.source(&self.data_dir)?,
             engine: self.engine.config(),
             hnsw: Default::default(),
             limits: Limits {
@@ -232,20 +239,24 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
-    /// Settings of the embedded server on a free loopback port, when `--data-dir` is set.
-    pub fn embedded_settings(&self) -> Option<ServerSettings> {
-        let data_dir = self.data_dir.clone()?;
-        Some(ServerSettings {
+    /// Settings of the embedded server on a free loopback port when `--data-dir` is set,
+    /// `None` otherwise. Errors when the built-in model cannot be written there.
+    pub fn embedded_settings(&self) -> Result<Option<ServerSettings>> {
+        let Some(data_dir) = self.data_dir.clone() else {
+            return Ok(None);
+        };
+        let model = self.model.source(&data_dir)?;
+        Ok(Some(ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: None,
             api_key: None,
             tls: None,
             data_dir,
-            model: self.model.source(),
+            model,
             engine: EngineConfig::default(),
             hnsw: Default::default(),
             limits: Limits::default(),
-        })
+        }))
     }
 }
 
