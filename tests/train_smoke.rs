@@ -254,3 +254,33 @@ fn init_checkpoint_flag_parses() {
         Some(Path::new("base/model.safetensors"))
     );
 }
+
+#[test]
+fn init_checkpoint_rejects_a_vocabulary_built_from_other_texts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = write_dataset(dir.path());
+    let first = args_with(dir.path(), &manifest, &dir.path().join("first"), None);
+    let prepared = prepare_run(&first).expect("run prepares");
+    prepared.trainer.save(&first.out).expect("checkpoint saves");
+
+    let mut text = std::fs::read_to_string(&manifest).expect("read manifest");
+    text.push_str("\n{\"image\": \"0-disc.png\", \"caption\": \"a crimson zigzag\"}");
+    let other = dir.path().join("other.jsonl");
+    std::fs::write(&other, text).expect("write manifest");
+    let weights = first.out.join(WEIGHTS_FILE);
+    let resumed = args_with(
+        dir.path(),
+        &other,
+        &dir.path().join("second"),
+        Some(&weights),
+    );
+    let error = match prepare_run(&resumed) {
+        Ok(_) => panic!("a different vocabulary must be rejected"),
+        Err(error) => error,
+    };
+    assert!(
+        matches!(error, mplug_search::Error::Checkpoint { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("vocabulary"), "{error}");
+}
