@@ -14,7 +14,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model from scratch and write its checkpoint folder.
+    /// Train a model (from scratch, or on from --init-checkpoint) and write its checkpoint folder.
     Train(TrainArgs),
     /// Measure a checkpoint on held-out data and print the table.
     Eval(EvalArgs),

@@ -1,5 +1,6 @@
-//! The `train` command: fits an mPLUG from scratch on a dataset and writes a checkpoint the
-//! loader reads (`model.safetensors`, `mplug.json`, `vocab.txt`).
+//! The `train` command: fits an mPLUG on a dataset, from scratch or from an existing
+//! checkpoint, and writes a checkpoint the loader reads (`model.safetensors`, `mplug.json`,
+//! `vocab.txt`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,7 +133,9 @@ pub struct TrainSummary {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for an empty dataset or zero batch size, data loading errors,
-/// [`Error::Candle`] from the model, [`Error::Io`] when the output cannot be written.
+/// [`Error::Candle`] from the model, [`Error::Io`] when the output cannot be written, and the
+/// errors of [`load_checkpoint`] (or [`Error::Checkpoint`] for another vocabulary) when
+/// `args.init_checkpoint` does not match the configured model.
 pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let prepared = prepare_run(args)?;
     let mut trainer = prepared.trainer;
@@ -270,10 +273,11 @@ pub struct Trainer {
 
 impl Trainer {
     /// Builds the model on a fresh [`VarMap`] and initialises it deterministically from
-    /// `args.seed`.
+    /// `args.seed`, then, when `args.init_checkpoint` is set, overwrites every variable with
+    /// the checkpoint's weights.
     ///
     /// # Errors
-    /// [`Error::Candle`] and tokenizer errors.
+    /// [`Error::Candle`], tokenizer errors, and those of [`load_checkpoint`].
     pub fn new(cfg: &MplugConfig, args: &TrainArgs, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
