@@ -175,3 +175,112 @@ fn training_reduces_the_loss_and_the_checkpoint_reloads_with_the_same_outputs() 
         .expect("decoder");
     assert!(max_abs_diff(&lm_trained, &lm_loaded) < tolerance);
 }
+
+/// `tiny_args` for a short run into `out`, starting from `init` when given.
+fn args_with(dir: &Path, manifest: &Path, out: &Path, init: Option<&Path>) -> TrainArgs {
+    let mut args = tiny_args(dir, manifest);
+    args.out = out.to_path_buf();
+    args.max_steps = 3;
+    args.init_checkpoint = init.map(Path::to_path_buf);
+    args
+}
+
+/// Outputs of every head on a fixed input: image embeddings, ITM logits, decoder logits.
+fn head_outputs(model: &Mplug, pixels: &Tensor) -> Vec<Tensor> {
+    let device = Device::Cpu;
+    let image = model.encode_image(pixels).expect("encode");
+    let embeds = model.image_embeds(&image).expect("embeds");
+    let ids = Tensor::new(&[[2u32, 5, 6, 0]; 4], &device).expect("ids");
+    let mask = Tensor::new(&[[1u32, 1, 1, 0]; 4], &device).expect("mask");
+    let text = model.encode_text(&ids, &mask).expect("text");
+    let (_, fused) = model.fuse(&text, &mask, &image).expect("fuse");
+    let itm = model.itm_logits(&fused).expect("itm");
+    let memory_mask =
+        Tensor::ones(image.dims()[..2].to_vec(), DType::U32, &device).expect("memory mask");
+    let lm = model
+        .decoder_logits(&ids, &mask, &image, &memory_mask)
+        .expect("decoder");
+    vec![embeds, itm, lm]
+}
+
+#[test]
+fn init_checkpoint_starts_from_the_saved_weights_and_rejects_other_shapes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = write_dataset(dir.path());
+    let first = args_with(dir.path(), &manifest, &dir.path().join("first"), None);
+    let prepared = prepare_run(&first).expect("run prepares");
+    let mut trainer = prepared.trainer;
+    trainer
+        .fit(&prepared.dataset, &prepared.pixels)
+        .expect("training runs");
+    let weights = first.out.join(WEIGHTS_FILE);
+    let second_out = dir.path().join("second");
+
+    // A different seed changes the random initialisation, which the checkpoint replaces.
+    let mut resumed_args = args_with(dir.path(), &manifest, &second_out, Some(&weights));
+    resumed_args.seed = 7;
+    let resumed = prepare_run(&resumed_args).expect("init from checkpoint");
+    let mut fresh_args = args_with(dir.path(), &manifest, &second_out, None);
+    fresh_args.seed = 7;
+    let fresh = prepare_run(&fresh_args).expect("fresh run prepares");
+
+    let pixels = prepared.pixels.narrow(0, 0, 4).expect("4 images");
+    let saved = head_outputs(trainer.model(), &pixels);
+    let loaded = head_outputs(resumed.trainer.model(), &pixels);
+    let random = head_outputs(fresh.trainer.model(), &pixels);
+    for ((s, l), r) in saved.iter().zip(&loaded).zip(&random) {
+        assert_eq!(max_abs_diff(s, l), 0.0, "f32 checkpoint reloads exactly");
+        assert!(max_abs_diff(s, r) > 1e-3, "a fresh model differs");
+    }
+
+    let mut wider = args_with(dir.path(), &manifest, &second_out, Some(&weights));
+    wider.shape.hidden = 48;
+    let error = match prepare_run(&wider) {
+        Ok(_) => panic!("a checkpoint of another shape must be rejected"),
+        Err(error) => error,
+    };
+    assert!(
+        matches!(error, mplug_search::Error::TensorShape { .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn init_checkpoint_flag_parses() {
+    let cli = Cli::try_parse_from(["train", "--init-checkpoint", "base/model.safetensors"])
+        .expect("flag parses");
+    assert_eq!(
+        cli.train.init_checkpoint.as_deref(),
+        Some(Path::new("base/model.safetensors"))
+    );
+}
+
+#[test]
+fn init_checkpoint_rejects_a_vocabulary_built_from_other_texts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = write_dataset(dir.path());
+    let first = args_with(dir.path(), &manifest, &dir.path().join("first"), None);
+    let prepared = prepare_run(&first).expect("run prepares");
+    prepared.trainer.save(&first.out).expect("checkpoint saves");
+
+    let mut text = std::fs::read_to_string(&manifest).expect("read manifest");
+    text.push_str("\n{\"image\": \"0-disc.png\", \"caption\": \"a crimson zigzag\"}");
+    let other = dir.path().join("other.jsonl");
+    std::fs::write(&other, text).expect("write manifest");
+    let weights = first.out.join(WEIGHTS_FILE);
+    let resumed = args_with(
+        dir.path(),
+        &other,
+        &dir.path().join("second"),
+        Some(&weights),
+    );
+    let error = match prepare_run(&resumed) {
+        Ok(_) => panic!("a different vocabulary must be rejected"),
+        Err(error) => error,
+    };
+    assert!(
+        matches!(error, mplug_search::Error::Checkpoint { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("vocabulary"), "{error}");
+}

@@ -1,5 +1,6 @@
-//! The `train` command: fits an mPLUG from scratch on a dataset and writes a checkpoint the
-//! loader reads (`model.safetensors`, `mplug.json`, `vocab.txt`).
+//! The `train` command: fits an mPLUG on a dataset, from scratch or from an existing
+//! checkpoint, and writes a checkpoint the loader reads (`model.safetensors`, `mplug.json`,
+//! `vocab.txt`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -96,6 +97,16 @@ pub struct TrainArgs {
     #[arg(long, env = "MPLUG_TRAIN_F16", default_value_t = true, action = clap::ArgAction::Set)]
     pub f16: bool,
 
+    /// Start from this checkpoint (`model.safetensors`) instead of the seeded random
+    /// initialisation: every variable is loaded by name and converted to f32. The model shape
+    /// flags must describe the checkpoint, and when a `vocab.txt` lies next to it, the
+    /// vocabulary built from the training data must equal it. Unset: train from scratch.
+    ///
+    /// Errors: a tensor absent from the file or with another shape, a file tensor the model
+    /// does not have, or a different vocabulary.
+    #[arg(long, env = "MPLUG_TRAIN_INIT_CHECKPOINT")]
+    pub init_checkpoint: Option<PathBuf>,
+
     /// Model shape.
     #[command(flatten)]
     pub shape: ModelShape,
@@ -122,7 +133,9 @@ pub struct TrainSummary {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for an empty dataset or zero batch size, data loading errors,
-/// [`Error::Candle`] from the model, [`Error::Io`] when the output cannot be written.
+/// [`Error::Candle`] from the model, [`Error::Io`] when the output cannot be written, and the
+/// errors of [`load_checkpoint`] (or [`Error::Checkpoint`] for another vocabulary) when
+/// `args.init_checkpoint` does not match the configured model.
 pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let prepared = prepare_run(args)?;
     let mut trainer = prepared.trainer;
@@ -187,7 +200,18 @@ fn prepare_output(args: &TrainArgs, dataset: &Dataset) -> Result<MplugConfig> {
         source,
     })?;
     let vocab = Vocabulary::build(dataset.texts());
+    let init_vocab = args
+        .init_checkpoint
+        .as_ref()
+        .map(|p| p.with_file_name(VOCAB_FILE));
+    let stored = match init_vocab.filter(|p| p.is_file()) {
+        Some(path) => Some(read_text(&path)?),
+        None => None,
+    };
     vocab.write(&args.out.join(VOCAB_FILE))?;
+    if let Some(init) = &args.init_checkpoint {
+        check_init_vocabulary(init, stored, &args.out.join(VOCAB_FILE))?;
+    }
 
     let cfg = tiny_config(&args.shape, &vocab, VOCAB_FILE);
     let config_path = args.out.join(CONFIG_FILE);
@@ -195,6 +219,33 @@ fn prepare_output(args: &TrainArgs, dataset: &Dataset) -> Result<MplugConfig> {
     let mut cfg = MplugConfig::from_file(&config_path)?;
     cfg.differentiable = true;
     Ok(cfg)
+}
+
+/// Fails when `stored` (the vocabulary text next to the initial checkpoint, if any) differs
+/// from the freshly written `written`: token ids would then mean other words than the
+/// checkpoint learned.
+fn check_init_vocabulary(init: &Path, stored: Option<String>, written: &Path) -> Result<()> {
+    let Some(stored) = stored else {
+        return Ok(());
+    };
+    let built = read_text(written)?;
+    if built != stored {
+        return Err(Error::Checkpoint {
+            path: init.to_path_buf(),
+            reason: format!(
+                "the vocabulary built from the training data differs from the {VOCAB_FILE} \
+                 next to it; expected the same training texts as the initial checkpoint"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn write_json(path: &Path, cfg: &MplugConfig) -> Result<()> {
@@ -222,10 +273,11 @@ pub struct Trainer {
 
 impl Trainer {
     /// Builds the model on a fresh [`VarMap`] and initialises it deterministically from
-    /// `args.seed`.
+    /// `args.seed`, then, when `args.init_checkpoint` is set, overwrites every variable with
+    /// the checkpoint's weights.
     ///
     /// # Errors
-    /// [`Error::Candle`] and tokenizer errors.
+    /// [`Error::Candle`], tokenizer errors, and those of [`load_checkpoint`].
     pub fn new(cfg: &MplugConfig, args: &TrainArgs, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
@@ -233,6 +285,9 @@ impl Trainer {
         vb.get_with_hints((), TEMP_NAME, candle_nn::Init::Const(TEMP_INIT))?;
         let mut rng = StdRng::seed_from_u64(args.seed);
         initialise(&varmap, &mut rng)?;
+        if let Some(init) = &args.init_checkpoint {
+            load_checkpoint(&varmap, init, device)?;
+        }
 
         let (decayed, plain) = split_for_decay(&varmap);
         let params = |weight_decay: f64| ParamsAdamW {
@@ -405,6 +460,53 @@ fn initialise(varmap: &VarMap, rng: &mut StdRng) -> Result<()> {
             Tensor::from_vec(values, shape, var.device())?
         };
         var.set(&value)?;
+    }
+    Ok(())
+}
+
+/// Overwrites every variable with the tensor of the same name in the safetensors file at
+/// `path` (any float dtype, converted to f32).
+///
+/// # Errors
+/// [`Error::Checkpoint`] when the file cannot be read or holds tensors the model lacks,
+/// [`Error::MissingTensor`] when a variable has no tensor, [`Error::TensorShape`] when the
+/// shapes differ (the model shape flags do not describe the checkpoint).
+pub fn load_checkpoint(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let data = varmap
+        .data()
+        .lock()
+        .expect("var map lock is never poisoned");
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !data.contains_key(*k)).collect();
+    if !extra.is_empty() {
+        extra.sort();
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!(
+                "tensors {extra:?} do not exist in the configured model; expected the model \
+                 shape flags the checkpoint was trained with"
+            ),
+        });
+    }
+    for (name, var) in data.iter() {
+        let expected = var.dims().to_vec();
+        let tensor = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            expected: expected.clone(),
+        })?;
+        if tensor.dims() != expected.as_slice() {
+            return Err(Error::TensorShape {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                got: tensor.dims().to_vec(),
+                expected,
+            });
+        }
+        var.set(&tensor.to_dtype(DType::F32)?)?;
     }
     Ok(())
 }
