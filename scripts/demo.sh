@@ -13,8 +13,12 @@ cd "$(dirname "$0")/.."
 
 port="${MPLUG_DEMO_PORT:-50151}"
 data_dir="${MPLUG_DEMO_DATA:-.data/demo}"
-checkpoint="${MPLUG_DEMO_CHECKPOINT:-models/tiny-easyvqa/model.safetensors}"
-config="${MPLUG_DEMO_CONFIG:-models/tiny-easyvqa/mplug.json}"
+checkpoint="${MPLUG_DEMO_CHECKPOINT:-}"
+config="${MPLUG_DEMO_CONFIG:-}"
+model_flags=()
+if [[ -n "$checkpoint" ]]; then
+    model_flags=(--checkpoint "$checkpoint" --model-config "$config")
+fi
 server="http://127.0.0.1:$port"
 bin=target/release/mplug-search
 if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
@@ -33,7 +37,6 @@ cargo build --release --locked --bin mplug-search
 
 section "serve on $server"
 mkdir -p "$data_dir"
-model_flags=(--checkpoint "$checkpoint" --model-config "$config")
 "$bin" serve --listen "127.0.0.1:$port" --data-dir "$data_dir" "${model_flags[@]}" \
     > "$data_dir/server.log" 2>&1 &
 server_pid=$!
@@ -85,7 +88,8 @@ for i in "${!samples[@]}"; do
     "$bin" ask "${samples[$i]}" "${questions[$i]}" --server "$server"
 done
 
-if [[ "$checkpoint" == models/tiny-easyvqa/model.safetensors ]]; then
-    section "held-out quality (eval on the 1000 easy-VQA test images)"
-    "$bin" eval --checkpoint "$checkpoint" --model-config "$config" --easy-vqa "$easy_vqa"
+if [[ -z "$checkpoint" ]]; then
+    section "held-out quality (eval of the built-in model on the 1000 easy-VQA test images)"
+    "$bin" eval --checkpoint models/tiny-easyvqa/model.safetensors \
+        --model-config models/tiny-easyvqa/mplug.json --easy-vqa "$easy_vqa"
 fi
