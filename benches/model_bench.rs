@@ -209,7 +209,9 @@ fn main() {
             g
         );
     }
-    // TODO(bf16-cpu): time a bf16 path once the CPU backend has a half-precision matmul.
+    // TODO(bf16-cpu): time a bf16 path once the CPU backend has a half-precision matmul. Its
+    // f16 matmul is no substitute: without AVX512-FP16 the gemm crate widens f16 operands to
+    // f32 while packing and runs the f32 kernels, so it cannot beat f32.
     println!("bf16: not run (candle 0.9.2 CPU backend has no bf16 matmul)");
 
     if let Some(dir) = args.out {
