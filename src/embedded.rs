@@ -19,7 +19,10 @@ const FILES: [(&str, &[u8]); 3] = [
         "mplug.json",
         include_bytes!("../models/tiny-easyvqa/mplug.json"),
     ),
-    ("vocab.txt", include_bytes!("../models/tiny-easyvqa/vocab.txt")),
+    (
+        "vocab.txt",
+        include_bytes!("../models/tiny-easyvqa/vocab.txt"),
+    ),
 ];
 
 /// Paths of the built-in model's checkpoint and config once written to disk.
