@@ -111,12 +111,30 @@ async fn serve(settings: mplug_search::server::ServerSettings) -> anyhow::Result
         .wait_ready()
         .await
         .context("cannot load the model or the collection")?;
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for ctrl-c")?;
+    shutdown_signal().await?;
     tracing::info!("shutting down");
     server.shutdown().await.context("shutdown failed")?;
     Ok(())
+}
+
+/// Waits for ctrl-c (SIGINT) or, on Unix, SIGTERM, so that service managers stop the server
+/// cleanly and the graph is dumped.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            interrupted = tokio::signal::ctrl_c() => interrupted.context("cannot listen for ctrl-c"),
+            _ = terminate.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot listen for ctrl-c")
+    }
 }
 
 /// Adds the API key to every request.
@@ -208,7 +226,9 @@ async fn search(args: SearchArgs) -> anyhow::Result<()> {
         let (key, value) = pair
             .split_once('=')
             .with_context(|| format!("{pair}: expected key=value"))?;
-        filter.insert(key.to_string(), value.to_string());
+        if filter.insert(key.to_string(), value.to_string()).is_some() {
+            bail!("--filter {key} given twice: an item has one value per key");
+        }
     }
     let request = proto::SearchRequest {
         query: Some(query),
@@ -307,6 +327,10 @@ fn image_files(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
 }
 
 async fn index(args: IndexArgs) -> anyhow::Result<()> {
+    if !args.dir.is_dir() {
+        bail!("{}: not a directory", args.dir.display());
+    }
+    let max_bytes = args.max_file_mib << 20;
     let files = image_files(&args.dir);
     let progress = ProgressBar::new(files.len() as u64);
     let style = ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
@@ -317,6 +341,17 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
     let reader_progress = progress.clone();
     let reader = tokio::task::spawn_blocking(move || {
         for (path, id) in files {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if size > max_bytes {
+                let line = format!(
+                    "{}: {size} bytes, larger than --max-file-mib {} MiB; skipped",
+                    path.display(),
+                    max_bytes >> 20
+                );
+                reader_progress.suspend(|| eprintln!("{line}"));
+                reader_progress.inc(1);
+                continue;
+            }
             match std::fs::read(&path) {
                 Ok(bytes) => {
                     let metadata = HashMap::from([("path".to_string(), id.clone())]);

@@ -459,3 +459,26 @@ fn half_precision_on_cpu_is_refused_up_front() {
         assert!(matches!(err, Error::UnsupportedDtype { .. }), "{err}");
     }
 }
+
+#[test]
+fn config_whose_head_count_does_not_split_the_checkpoint_width_is_refused_at_load() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    let text = std::fs::read_to_string(fixtures.join("tiny_base.mplug.json")).expect("config");
+    let mut config: serde_json::Value = serde_json::from_str(&text).expect("json");
+    config["text"]["num_attention_heads"] = serde_json::json!(3);
+    config["tokenizer"]["vocab_file"] = serde_json::json!(fixtures.join("vocab.txt"));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("bad.mplug.json");
+    std::fs::write(&path, config.to_string()).expect("write config");
+
+    let checkpoint = fixtures.join("tiny_base.safetensors");
+    let loaded = Mplug::load(&checkpoint, &path, Tasks::ALL, &Device::Cpu, DType::F32);
+
+    match loaded {
+        Ok(_) => panic!("a head count of 3 cannot split width 64"),
+        Err(Error::Config { reason, .. }) => {
+            assert!(reason.contains("num_attention_heads 3"), "{reason}")
+        }
+        Err(other) => panic!("expected a config error, got {other}"),
+    }
+}

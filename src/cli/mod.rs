@@ -131,7 +131,12 @@ pub struct EngineArgs {
     #[arg(long, env = "MPLUG_SEARCH_BATCH_DEADLINE_MS", default_value_t = 5)]
     pub batch_deadline_ms: u64,
     /// Byte budget of the rerank feature cache, in MiB.
-    #[arg(long, env = "MPLUG_SEARCH_CACHE_MIB", default_value_t = 512)]
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_CACHE_MIB",
+        default_value_t = 512,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1 << 20)
+    )]
     pub cache_mib: usize,
 }
 
@@ -172,7 +177,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MPLUG_SEARCH_DATA_DIR", default_value = ".data")]
     pub data_dir: PathBuf,
     /// Largest request message, in MiB.
-    #[arg(long, env = "MPLUG_SEARCH_MAX_MESSAGE_MIB", default_value_t = 32)]
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_MAX_MESSAGE_MIB",
+        default_value_t = 32,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024)
+    )]
     pub max_message_mib: usize,
     /// Model flags.
     #[command(flatten)]
@@ -231,7 +241,11 @@ pub struct ClientArgs {
     #[arg(long, env = "MPLUG_SEARCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
     /// Run an embedded server over this data directory instead of connecting to `--server`.
-    #[arg(long, env = "MPLUG_SEARCH_DATA_DIR")]
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_EMBEDDED_DATA_DIR",
+        conflicts_with = "server"
+    )]
     pub data_dir: Option<PathBuf>,
     /// Model flags (for the embedded server).
     #[command(flatten)]
@@ -265,6 +279,15 @@ impl ClientArgs {
 pub struct IndexArgs {
     /// Directory to walk.
     pub dir: PathBuf,
+    /// Files larger than this many MiB are reported and skipped instead of sent (keep it at
+    /// or below the server's `--max-message-mib`).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_INDEX_MAX_FILE_MIB",
+        default_value_t = 31,
+        value_parser = clap::value_parser!(u64).range(1..=1024)
+    )]
+    pub max_file_mib: u64,
     /// Connection flags.
     #[command(flatten)]
     pub client: ClientArgs,

@@ -295,7 +295,14 @@ impl MplugConfig {
         if let Some(embed) = embed {
             set_derived(&mut self.embed_dim, embed, "embed_dim", path)?;
         }
-        Ok(())
+
+        check_heads(self.vision.width, self.vision.heads(), "vision", path)?;
+        check_heads(
+            self.text.hidden_size,
+            self.text.num_attention_heads,
+            "text",
+            path,
+        )
     }
 
     fn resolve_vision(&mut self, shapes: &ShapeSource) -> Result<()> {
@@ -411,4 +418,18 @@ fn set_derived(field: &mut usize, derived: usize, name: &str, path: &Path) -> Re
     }
     *field = derived;
     Ok(())
+}
+
+/// Errors with [`Error::Config`] unless `heads` splits a known `width` evenly (a width of 0
+/// means the module is not loaded).
+fn check_heads(width: usize, heads: usize, module: &str, path: &Path) -> Result<()> {
+    if width == 0 || (heads > 0 && width % heads == 0) {
+        return Ok(());
+    }
+    Err(Error::Config {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{module}.num_attention_heads {heads} does not divide the checkpoint's width {width}"
+        ),
+    })
 }
