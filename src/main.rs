@@ -277,7 +277,15 @@ async fn embed(args: mplug_search::cli::EmbedArgs) -> anyhow::Result<()> {
 }
 
 fn stats_json(stats: &proto::StatsResponse) -> serde_json::Value {
-    let queue = |q: &proto::QueueStats| json!({"name": q.name, "depth": q.depth, "capacity": q.capacity, "dropped": q.dropped});
+    let queue = |q: &proto::QueueStats| {
+        json!({
+            "name": q.name,
+            "depth": q.depth,
+            "capacity": q.capacity,
+            "dropped": q.dropped,
+            "rejected": q.rejected,
+        })
+    };
     let queues: Vec<_> = stats.queues.iter().map(queue).collect();
     json!({
         "images": stats.images,

@@ -93,6 +93,8 @@ pub struct QueueStats {
     pub capacity: usize,
     /// Requests skipped because their caller went away.
     pub dropped: u64,
+    /// Requests refused with `QueueFull` because the queue was full.
+    pub rejected: u64,
     /// Batches (or heavy tasks) run so far.
     pub batches: u64,
     /// Inputs run in those batches.
@@ -111,10 +113,14 @@ impl<T> Queue<T> {
         let sent = self.sender.try_send(item);
         metrics::gauge!(QUEUE_DEPTH_METRIC, "queue" => self.name).set(self.sender.len() as f64);
         sent.map_err(|error| match error {
-            TrySendError::Full(_) => Error::QueueFull {
-                queue: self.name,
-                capacity: self.capacity,
-            },
+            TrySendError::Full(_) => {
+                let counter = &self.counters.rejected;
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Error::QueueFull {
+                    queue: self.name,
+                    capacity: self.capacity,
+                }
+            }
             TrySendError::Disconnected(_) => Error::ShuttingDown,
         })
     }
@@ -126,6 +132,7 @@ impl<T> Queue<T> {
             depth: self.sender.len(),
             capacity: self.capacity,
             dropped: self.counters.dropped.load(Relaxed),
+            rejected: self.counters.rejected.load(Relaxed),
             batches: self.counters.batches.load(Relaxed),
             batched_inputs: self.counters.batched_inputs.load(Relaxed),
         }
@@ -548,6 +555,7 @@ mod tests {
                 capacity: 1
             })
         ));
+        assert_eq!(engine.queue_stats()[2].rejected, 1);
 
         waiting.abort();
         assert!(

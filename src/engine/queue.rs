@@ -97,6 +97,7 @@ pub(crate) struct BatchLimits {
 #[derive(Debug, Default)]
 pub(crate) struct QueueCounters {
     pub(crate) dropped: AtomicU64,
+    pub(crate) rejected: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) batched_inputs: AtomicU64,
 }

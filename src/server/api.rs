@@ -480,6 +480,7 @@ fn stats_response(ready: &Ready, stats: &mplug_index::Stats) -> proto::StatsResp
         depth: q.depth as u64,
         capacity: q.capacity as u64,
         dropped: q.dropped,
+        rejected: q.rejected,
     };
     let info = ready.engine.info();
     proto::StatsResponse {

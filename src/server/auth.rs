@@ -66,7 +66,7 @@ impl Authenticator {
         let bearer = metadata
             .get("authorization")
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
+            .and_then(bearer_token);
         let header = metadata
             .get("x-api-key")
             .and_then(|value| value.to_str().ok());
@@ -84,6 +84,15 @@ impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         self.check(request)
     }
+}
+
+/// The token of an `authorization` value whose scheme is `Bearer`, compared without regard
+/// to case as HTTP schemes are.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 #[cfg(test)]
@@ -117,6 +126,19 @@ mod tests {
             missing.expect_err("no key").code(),
             tonic::Code::Unauthenticated
         );
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        let auth = Authenticator::new(Some(ApiKey::new(KEY).expect("valid key")));
+        for scheme in ["bearer", "BEARER", "Bearer"] {
+            let header = format!("{scheme} {KEY}");
+            assert!(
+                auth.check(request("authorization", &header)).is_ok(),
+                "{scheme}"
+            );
+        }
+        assert!(auth.check(request("authorization", KEY)).is_err());
     }
 
     #[test]
