@@ -124,8 +124,9 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let interrupt = tokio::signal::ctrl_c();
         tokio::select! {
-            interrupted = tokio::signal::ctrl_c() => interrupted.context("cannot listen for ctrl-c"),
+            interrupted = interrupt => interrupted.context("cannot listen for ctrl-c"),
             _ = terminate.recv() => Ok(()),
         }
     }

@@ -66,8 +66,9 @@ impl Fusion {
     /// Fuses text `t` (B, Lt, H) under 0/1 `t_mask` (B, Lt) with vision `v` (B, Lv, H)
     /// (all vision tokens valid). A `v` of batch 1 is shared by every text row (a rerank of
     /// B candidates against one image): its keys and values are projected once until a
-    /// connected layer makes the vision stream row-specific. `on_layer` sees each live layer's output: (B, Lt, H) for
-    /// co-attention, concat(v, t) before the split for connected layers.
+    /// connected layer makes the vision stream row-specific. `on_layer` sees each live layer's
+    /// output: (B, Lt, H) for co-attention, concat(v, t) before the split for connected
+    /// layers.
     pub fn forward_with(
         &self,
         t: &Tensor,
