@@ -353,6 +353,9 @@ fn print_rows(out: &mut impl Write, library: &str, size: usize, build_s: f64, qu
             num(run, "recall"),
             num(query, "rss_per_vector"),
             num(query, "reopen_s"),
+            library = library,
+            size = size,
+            throughput = throughput,
         );
     }
 }
