@@ -306,7 +306,10 @@ fn stats_json(stats: &proto::StatsResponse) -> serde_json::Value {
 /// Image files under `dir`, sorted, with their ids (relative paths with `/`).
 fn image_files(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
     let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
+    for entry in walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
         let entry = match entry {
             Ok(entry) => entry,
             Err(error) => {
@@ -349,6 +352,7 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     let reader_progress = progress.clone();
     let reader = tokio::task::spawn_blocking(move || {
+        let mut unread = 0u64;
         for (path, id) in files {
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if size > max_bytes {
@@ -359,6 +363,7 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
                 );
                 reader_progress.suspend(|| eprintln!("{line}"));
                 reader_progress.inc(1);
+                unread += 1;
                 continue;
             }
             match std::fs::read(&path) {
@@ -370,18 +375,22 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
                         metadata,
                     };
                     if sender.blocking_send(item).is_err() {
-                        return;
+                        break;
                     }
                 }
                 Err(error) => {
                     reader_progress.suspend(|| eprintln!("{}: {error}", path.display()));
                     reader_progress.inc(1);
+                    unread += 1;
                 }
             }
         }
+        unread
     });
 
     let root = args.dir.clone();
+    let rejected = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let rejected_in_stream = rejected.clone();
     with_client(&args.client, |mut client| async move {
         let input = tokio_stream::wrappers::ReceiverStream::new(receiver);
         let mut results = client.ingest(input).await?.into_inner();
@@ -390,6 +399,7 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
             let result = result?;
             let status = result.status();
             if status == IngestStatus::Rejected {
+                rejected_in_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let line = format!("{}: {}", root.join(&result.id).display(), result.reason);
                 progress.suspend(|| eprintln!("{line}"));
             }
@@ -403,6 +413,11 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
-    reader.await.context("file reader failed")?;
+
+    let unread = reader.await.context("file reader failed")?;
+    let failed = unread + rejected.load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} files were not indexed (reasons above); the others are stored");
+    }
     Ok(())
 }
