@@ -226,6 +226,18 @@ impl Engine {
         &self.inner.cache
     }
 
+    /// Encodes one image in the given class's queue; see [`Engine::encode_images`].
+    pub async fn encode_image(&self, class: EncodeClass, image: RgbImage) -> Result<ImageEncoding> {
+        let encoded = self.encode_images(class, vec![image]).await?;
+        encoded.into_iter().next().ok_or_else(no_encoding)
+    }
+
+    /// Encodes one text in the given class's queue; see [`Engine::encode_texts`].
+    pub async fn encode_text(&self, class: EncodeClass, text: String) -> Result<Vec<f32>> {
+        let vectors = self.encode_texts(class, vec![text]).await?;
+        vectors.into_iter().next().ok_or_else(no_encoding)
+    }
+
     /// Encodes images in the given class's queue. `Error::QueueFull` when it is full.
     pub async fn encode_images(
         &self,
@@ -331,6 +343,14 @@ fn spawn(name: String, run: impl FnOnce() + Send + 'static) -> Result<JoinHandle
             path: name.into(),
             source,
         })
+}
+
+/// The error for a batch that came back shorter than it was sent.
+fn no_encoding() -> Error {
+    Error::TaskFailed {
+        task: "encode",
+        reason: "the model returned no encoding".into(),
+    }
 }
 
 #[cfg(test)]

@@ -373,11 +373,8 @@ impl MplugSearch for Api {
         observe("embed_image", async {
             let ready = self.ready()?;
             let image = ready.decode(request.into_inner().image).await?;
-            let encoded = ready
-                .engine
-                .encode_images(EncodeClass::Interactive, vec![image]);
-            let encoded = encoded.await?.into_iter().next();
-            let vector = encoded.map(|e| e.embedding).unwrap_or_default();
+            let encoded = ready.engine.encode_image(EncodeClass::Interactive, image);
+            let vector = encoded.await?.embedding;
             let model_id = ready.engine.info().model_id.clone();
             Ok(proto::EmbedResponse { vector, model_id })
         })
@@ -392,10 +389,8 @@ impl MplugSearch for Api {
             let ready = self.ready()?;
             let text = request.into_inner().text;
             convert::text("text", &text, &self.limits)?;
-            let vectors = ready
-                .engine
-                .encode_texts(EncodeClass::Interactive, vec![text]);
-            let vector = vectors.await?.into_iter().next().unwrap_or_default();
+            let vector = ready.engine.encode_text(EncodeClass::Interactive, text);
+            let vector = vector.await?;
             let model_id = ready.engine.info().model_id.clone();
             Ok(proto::EmbedResponse { vector, model_id })
         })
@@ -563,22 +558,12 @@ impl Api {
         match query {
             Q::Text(text) => {
                 convert::text("text", &text, &self.limits)?;
-                let vectors = ready.engine.encode_texts(class, vec![text.clone()]).await?;
-                Ok((
-                    vectors.into_iter().next().unwrap_or_default(),
-                    Query::Text(text),
-                ))
+                let vector = ready.engine.encode_text(class, text.clone()).await?;
+                Ok((vector, Query::Text(text)))
             }
             Q::Image(bytes) => {
                 let image = ready.decode(bytes).await?;
-                let encoded = ready.engine.encode_images(class, vec![image]).await?;
-                let encoded = encoded
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| Error::TaskFailed {
-                        task: "encode",
-                        reason: "the model returned no encoding".into(),
-                    })?;
+                let encoded = ready.engine.encode_image(class, image).await?;
                 let query = Query::Image(ImageSource::Tokens(encoded.tokens));
                 Ok((encoded.embedding, query))
             }

@@ -233,31 +233,15 @@ async fn embed(ready: &Ready, mut item: Item) -> Result<Item> {
         ItemKind::Text => {
             let text = String::from_utf8(payload)
                 .map_err(|_| convert::invalid("text", "stored text must be UTF-8"))?;
-            let vectors = retry_full(|| {
-                ready
-                    .engine
-                    .encode_texts(EncodeClass::Bulk, vec![text.clone()])
-            })
-            .await?;
-            item.vector = vectors.into_iter().next().unwrap_or_default();
+            item.vector =
+                retry_full(|| ready.engine.encode_text(EncodeClass::Bulk, text.clone())).await?;
             ready.engine.cache().remove(&item.id);
         }
         ItemKind::Image => {
             let backend = ready.engine.backend().clone();
             let image = blocking("decode", move || backend.decode_image(&payload)).await?;
-            let encoded = retry_full(|| {
-                ready
-                    .engine
-                    .encode_images(EncodeClass::Bulk, vec![image.clone()])
-            })
-            .await?;
-            let encoded = encoded
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::TaskFailed {
-                    task: "encode",
-                    reason: "the model returned no encoding".into(),
-                })?;
+            let encoded =
+                retry_full(|| ready.engine.encode_image(EncodeClass::Bulk, image.clone())).await?;
             ready.engine.cache().insert(&item.id, encoded.tokens);
             item.vector = encoded.embedding;
         }
