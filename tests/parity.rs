@@ -52,6 +52,11 @@ impl Case {
             .unwrap_or_else(|| panic!("golden {name} missing"))
     }
 
+    /// An int64 golden index list as a u32 tensor, ready for `index_select`.
+    fn indices(&self, name: &str) -> Tensor {
+        self.g(name).to_dtype(DType::U32).unwrap()
+    }
+
     fn close(&self, name: &str, got: &Tensor) -> f32 {
         let want = self.g(name);
         assert_eq!(got.dims(), want.dims(), "{}: {name} shape", self.label);
@@ -94,22 +99,8 @@ fn check_encoders(c: &Case) -> (Tensor, Tensor) {
 
 fn check_fusion(c: &Case, v: &Tensor, t: &Tensor) {
     let m = &c.model;
-    let img: Vec<u32> = c
-        .g("pair_image_index")
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let txt: Vec<u32> = c
-        .g("pair_text_index")
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let img = Tensor::new(img.as_slice(), &Device::Cpu).unwrap();
-    let txt = Tensor::new(txt.as_slice(), &Device::Cpu).unwrap();
+    let img = c.indices("pair_image_index");
+    let txt = c.indices("pair_text_index");
     let pv = v.index_select(&img, 0).unwrap();
     let pt = t.index_select(&txt, 0).unwrap();
     let pm = c.g("attention_mask").index_select(&txt, 0).unwrap();
@@ -259,16 +250,7 @@ fn check_caption(c: &Case, v: &Tensor) {
 
 fn check_vqa(c: &Case, v: &Tensor) {
     let m = &c.model;
-    let img: Vec<u32> = c
-        .g("vqa.image_index")
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let v = v
-        .index_select(&Tensor::new(img.as_slice(), &Device::Cpu).unwrap(), 0)
-        .unwrap();
+    let v = v.index_select(&c.indices("vqa.image_index"), 0).unwrap();
     let (q, qm) = (c.g("vqa.input_ids"), c.g("vqa.attention_mask"));
     let t = m.encode_text(q, qm).unwrap();
     c.close("vqa.T", &t);
