@@ -469,8 +469,9 @@ fn initialise(varmap: &VarMap, rng: &mut StdRng) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::Checkpoint`] when the file cannot be read or holds tensors the model lacks,
-/// [`Error::MissingTensor`] when a variable has no tensor, [`Error::TensorShape`] when the
-/// shapes differ (the model shape flags do not describe the checkpoint).
+/// [`Error::TensorShape`] when a shape differs (the model shape flags do not describe the
+/// checkpoint), else [`Error::MissingTensor`] when a variable has no tensor; both name the
+/// first offending tensor in name order. Nothing is overwritten unless every check passes.
 pub fn load_checkpoint(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
     let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
@@ -491,22 +492,32 @@ pub fn load_checkpoint(varmap: &VarMap, path: &Path, device: &Device) -> Result<
             ),
         });
     }
-    for (name, var) in data.iter() {
-        let expected = var.dims().to_vec();
-        let tensor = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mismatch = names.iter().find_map(|name| {
+        let expected = data[*name].dims();
+        let got = tensors.get(*name)?.dims();
+        (got != expected).then(|| Error::TensorShape {
             path: path.to_path_buf(),
-            name: name.clone(),
-            expected: expected.clone(),
-        })?;
-        if tensor.dims() != expected.as_slice() {
-            return Err(Error::TensorShape {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                got: tensor.dims().to_vec(),
-                expected,
-            });
-        }
-        var.set(&tensor.to_dtype(DType::F32)?)?;
+            name: (*name).clone(),
+            got: got.to_vec(),
+            expected: expected.to_vec(),
+        })
+    });
+    if let Some(error) = mismatch {
+        return Err(error);
+    }
+
+    if let Some(name) = names.iter().find(|name| !tensors.contains_key(**name)) {
+        return Err(Error::MissingTensor {
+            path: path.to_path_buf(),
+            name: (*name).clone(),
+            expected: data[*name].dims().to_vec(),
+        });
+    }
+
+    for name in names {
+        data[name].set(&tensors[name].to_dtype(DType::F32)?)?;
     }
     Ok(())
 }
