@@ -127,9 +127,17 @@ pub struct EngineArgs {
     /// Most images or texts per encode batch.
     #[arg(long, env = "MPLUG_SEARCH_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
-    /// How long an encode batch waits to fill, in milliseconds.
-    #[arg(long, env = "MPLUG_SEARCH_BATCH_DEADLINE_MS", default_value_t = 5)]
-    pub batch_deadline_ms: u64,
+    /// How long a query encode batch waits to fill, in milliseconds; 0 batches only the
+    /// requests already waiting, so an idle server answers at once.
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_INTERACTIVE_BATCH_DEADLINE_MS",
+        default_value_t = 0
+    )]
+    pub interactive_batch_deadline_ms: u64,
+    /// How long a bulk ingest encode batch waits to fill, in milliseconds.
+    #[arg(long, env = "MPLUG_SEARCH_BULK_BATCH_DEADLINE_MS", default_value_t = 5)]
+    pub bulk_batch_deadline_ms: u64,
     /// Byte budget of the rerank feature cache, in MiB.
     #[arg(
         long,
@@ -149,7 +157,8 @@ impl EngineArgs {
             interactive_threads: self.interactive_threads,
             heavy_threads: self.heavy_threads,
             max_batch: self.max_batch,
-            batch_deadline: Duration::from_millis(self.batch_deadline_ms),
+            interactive_batch_deadline: Duration::from_millis(self.interactive_batch_deadline_ms),
+            bulk_batch_deadline: Duration::from_millis(self.bulk_batch_deadline_ms),
             cache_bytes: self.cache_mib << 20,
         }
     }

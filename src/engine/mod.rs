@@ -50,15 +50,20 @@ pub struct EngineConfig {
     pub heavy_threads: usize,
     /// Most inputs (images or texts) per encode batch.
     pub max_batch: usize,
-    /// How long an encode worker waits for more requests before closing a batch.
-    pub batch_deadline: Duration,
+    /// How long an interactive encode worker waits for more requests before closing a
+    /// batch. Zero batches only what is already waiting: requests that arrive while the
+    /// model runs form the next batch, so an idle server answers at once.
+    pub interactive_batch_deadline: Duration,
+    /// How long the bulk encode worker waits for more requests before closing a batch.
+    pub bulk_batch_deadline: Duration,
     /// Byte budget of the rerank feature cache.
     pub cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     /// One thread per class (the reference machine has two cores), queues of 64/256/32,
-    /// batches of 16 inputs or 5 ms, a 512 MiB cache.
+    /// batches of 16 inputs, interactive batches of what is waiting, bulk batches closed
+    /// after 5 ms, a 512 MiB cache.
     fn default() -> Self {
         Self {
             interactive_queue: 64,
@@ -67,7 +72,8 @@ impl Default for EngineConfig {
             interactive_threads: 1,
             heavy_threads: 1,
             max_batch: 16,
-            batch_deadline: Duration::from_millis(5),
+            interactive_batch_deadline: Duration::ZERO,
+            bulk_batch_deadline: Duration::from_millis(5),
             cache_bytes: 512 << 20,
         }
     }
@@ -173,7 +179,11 @@ impl Engine {
         validate(config)?;
         let limits = BatchLimits {
             max_batch: config.max_batch,
-            deadline: config.batch_deadline,
+            deadline: config.interactive_batch_deadline,
+        };
+        let bulk_limits = BatchLimits {
+            deadline: config.bulk_batch_deadline,
+            ..limits
         };
         let mut threads = Vec::new();
 
@@ -187,7 +197,7 @@ impl Engine {
 
         let (bulk, rx) = queue("bulk", config.bulk_queue);
         let (worker_backend, counters) = (backend.clone(), bulk.counters.clone());
-        let run = move || queue::run_encode_worker(rx, worker_backend, limits, counters);
+        let run = move || queue::run_encode_worker(rx, worker_backend, bulk_limits, counters);
         threads.push(spawn("engine-bulk-0".into(), run)?);
 
         let (heavy, rx) = queue("heavy", config.heavy_queue);
@@ -471,7 +481,8 @@ mod tests {
             interactive_queue: 4,
             bulk_queue: 4,
             heavy_queue: 1,
-            batch_deadline: Duration::from_millis(200),
+            interactive_batch_deadline: Duration::from_millis(200),
+            bulk_batch_deadline: Duration::from_millis(200),
             ..EngineConfig::default()
         }
     }
@@ -509,6 +520,54 @@ mod tests {
             "expected batching, got batches {batches:?}"
         );
         assert_eq!(batches.iter().sum::<usize>(), texts.len());
+    }
+
+    #[test]
+    fn without_a_deadline_requests_waiting_behind_a_busy_worker_share_one_batch() {
+        let (backend, release) = ScriptedBackend::new();
+        let config = EngineConfig {
+            interactive_batch_deadline: Duration::ZERO,
+            ..config()
+        };
+        let engine = Engine::start(backend.clone(), &config).expect("engine starts");
+        let rt = runtime();
+        let first_engine = engine.clone();
+        let first = rt.spawn(async move {
+            first_engine
+                .encode_texts(EncodeClass::Interactive, vec!["block".into()])
+                .await
+        });
+        wait_until(|| backend.blocked.load(std::sync::atomic::Ordering::SeqCst) == 1);
+
+        let waiting: Vec<_> = ["a", "bb", "ccc"]
+            .iter()
+            .map(|text| {
+                let engine = engine.clone();
+                let text = text.to_string();
+                rt.spawn(async move {
+                    engine
+                        .encode_texts(EncodeClass::Interactive, vec![text])
+                        .await
+                })
+            })
+            .collect();
+        wait_until(|| engine.queue_stats()[0].depth == 3);
+        release.send(()).expect("gate is open");
+
+        rt.block_on(first)
+            .expect("task joins")
+            .expect("encode succeeds");
+        for task in waiting {
+            rt.block_on(task)
+                .expect("task joins")
+                .expect("encode succeeds");
+        }
+        let batches = backend.text_batches.lock().expect("no poisoning").clone();
+        assert_eq!(
+            batches,
+            [1, 3],
+            "the idle request ran alone, the waiting ones together"
+        );
     }
 
     #[test]

@@ -54,7 +54,13 @@ impl TokenBatch {
 /// decoding of generated ids.
 #[derive(Debug, Clone)]
 pub struct MplugTokenizer {
-    encoder: Tokenizer,
+    /// Encoder template, fixed padding and truncation at `retrieval_max_len`.
+    retrieval: Tokenizer,
+    /// Encoder template, padding to the longest, truncation at `question_max_len`.
+    question_truncated: Tokenizer,
+    /// Encoder template, padding to the longest, no truncation.
+    question: Tokenizer,
+    /// Target template, padding to the longest, no truncation.
     target: Tokenizer,
     vocab: Vec<String>,
     cfg: TokenizerConfig,
@@ -83,9 +89,18 @@ impl MplugTokenizer {
         };
         let encoder = build(cfg, encoder_template).map_err(fail)?;
         let target = build(cfg, "[CLS] $A [SEP]").map_err(fail)?;
+        let longest = PaddingStrategy::BatchLongest;
+        let fixed = PaddingStrategy::Fixed(cfg.retrieval_max_len);
         Ok(Self {
-            encoder,
-            target,
+            retrieval: configure(&encoder, cfg, fixed, Some(cfg.retrieval_max_len))?,
+            question_truncated: configure(
+                &encoder,
+                cfg,
+                longest.clone(),
+                Some(cfg.question_max_len),
+            )?,
+            question: configure(&encoder, cfg, longest.clone(), None)?,
+            target: configure(&target, cfg, longest, None)?,
             vocab,
             cfg: cfg.clone(),
         })
@@ -98,27 +113,34 @@ impl MplugTokenizer {
             .iter()
             .map(|t| pre_caption(t, self.cfg.retrieval_max_words))
             .collect();
-        let fixed = PaddingStrategy::Fixed(self.cfg.retrieval_max_len);
-        self.run(
-            &self.encoder,
-            cleaned,
-            fixed,
-            Some(self.cfg.retrieval_max_len),
-        )
+        run(&self.retrieval, cleaned)
     }
 
     /// VQA questions, uncleaned, padded to the longest; truncated to `question_max_len` when
     /// `truncate` is set (the reference evaluation does not truncate).
     pub fn encode_question(&self, texts: &[&str], truncate: bool) -> Result<TokenBatch> {
         let owned = texts.iter().map(|t| t.to_string()).collect();
-        let max = truncate.then_some(self.cfg.question_max_len);
-        self.run(&self.encoder, owned, PaddingStrategy::BatchLongest, max)
+        let tokenizer = if truncate {
+            &self.question_truncated
+        } else {
+            &self.question
+        };
+        run(tokenizer, owned)
     }
 
     /// Decoder targets `[CLS] text [SEP]`, padded to the longest, truncated to `max_len`.
     pub fn encode_target(&self, texts: &[&str], max_len: Option<usize>) -> Result<TokenBatch> {
         let owned = texts.iter().map(|t| t.to_string()).collect();
-        self.run(&self.target, owned, PaddingStrategy::BatchLongest, max_len)
+        match max_len {
+            None => run(&self.target, owned),
+            Some(max) => {
+                let longest = PaddingStrategy::BatchLongest;
+                run(
+                    &configure(&self.target, &self.cfg, longest, Some(max))?,
+                    owned,
+                )
+            }
+        }
     }
 
     /// The reference `decode` (tokens joined, `##` merged, spaces before punctuation and
@@ -142,41 +164,46 @@ impl MplugTokenizer {
         let joined = tokens.join(" ").replace(" ##", "");
         clean_up_tokenization(joined.trim_matches(py_isspace))
     }
+}
 
-    fn run(
-        &self,
-        base: &Tokenizer,
-        texts: Vec<String>,
-        padding: PaddingStrategy,
-        max_len: Option<usize>,
-    ) -> Result<TokenBatch> {
-        let mut tok = base.clone();
-        tok.with_padding(Some(PaddingParams {
-            strategy: padding,
-            pad_id: self.cfg.pad_id,
-            pad_token: SPECIALS[0].to_string(),
-            ..PaddingParams::default()
-        }));
-        let trunc = max_len.map(|max_length| TruncationParams {
-            max_length,
-            ..TruncationParams::default()
-        });
-        tok.with_truncation(trunc).map_err(|e| Error::Tokenizer {
+/// A copy of `base` that pads with `padding` and truncates to `max_len` tokens when given.
+fn configure(
+    base: &Tokenizer,
+    cfg: &TokenizerConfig,
+    padding: PaddingStrategy,
+    max_len: Option<usize>,
+) -> Result<Tokenizer> {
+    let mut tok = base.clone();
+    tok.with_padding(Some(PaddingParams {
+        strategy: padding,
+        pad_id: cfg.pad_id,
+        pad_token: SPECIALS[0].to_string(),
+        ..PaddingParams::default()
+    }));
+    let trunc = max_len.map(|max_length| TruncationParams {
+        max_length,
+        ..TruncationParams::default()
+    });
+    tok.with_truncation(trunc).map_err(|e| Error::Tokenizer {
+        reason: e.to_string(),
+    })?;
+    Ok(tok)
+}
+
+/// Ids and attention masks of `texts` under a configured tokenizer.
+fn run(tokenizer: &Tokenizer, texts: Vec<String>) -> Result<TokenBatch> {
+    let encodings = tokenizer
+        .encode_batch(texts, true)
+        .map_err(|e| Error::Tokenizer {
             reason: e.to_string(),
         })?;
-        let encodings = tok
-            .encode_batch(texts, true)
-            .map_err(|e| Error::Tokenizer {
-                reason: e.to_string(),
-            })?;
-        Ok(TokenBatch {
-            ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
-            mask: encodings
-                .iter()
-                .map(|e| e.get_attention_mask().to_vec())
-                .collect(),
-        })
-    }
+    Ok(TokenBatch {
+        ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
+        mask: encodings
+            .iter()
+            .map(|e| e.get_attention_mask().to_vec())
+            .collect(),
+    })
 }
 
 fn build(cfg: &TokenizerConfig, template: &str) -> std::result::Result<Tokenizer, String> {

@@ -14,6 +14,7 @@ use super::convert::{self, invalid};
 use super::proto::{self, image_input, mplug_search_server::MplugSearch, text_input};
 use super::settings::Limits;
 use super::status::{code_of, kind_label};
+use super::writer::Writer;
 use crate::engine::{
     Backend, EncodeClass, Engine, GenerationSettings, ItmScore, RgbImage, VisionTokens,
 };
@@ -25,6 +26,8 @@ pub struct Ready {
     pub engine: Engine,
     /// The collection.
     pub collection: Arc<Collection>,
+    /// Group commit of ingested items into the collection.
+    pub writer: Writer,
 }
 
 /// Set once the model and collection are loaded.

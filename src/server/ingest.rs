@@ -263,8 +263,8 @@ where
     }
 }
 
+/// Stores the item with the next group commit; returns once it is durable.
 async fn upsert(ready: &Ready, item: Item) -> Result<()> {
-    let collection = ready.collection.clone();
-    blocking("upsert", move || Ok(collection.upsert(vec![item])?)).await?;
+    ready.writer.upsert(item).await?;
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod ingest;
 pub mod settings;
 pub mod status;
+pub mod writer;
 
 /// Code generated from `proto/mplug_search/v1/search.proto`.
 pub mod proto {

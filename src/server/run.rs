@@ -9,7 +9,7 @@ use std::time::Duration;
 use mplug_index::{Collection, Metric, Settings};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -17,6 +17,7 @@ use super::api::{Api, Ready, ReadySlot};
 use super::auth::Authenticator;
 use super::proto::{mplug_search_server::MplugSearchServer, FILE_DESCRIPTOR_SET};
 use super::settings::{ServerSettings, TlsFiles};
+use super::writer::Writer;
 use crate::engine::{Engine, MplugBackend};
 use crate::{Error, Result};
 
@@ -25,6 +26,10 @@ pub const COLLECTION_DIR: &str = "collection";
 
 /// How often the graph is dumped so that a restart after a crash can reload it.
 const GRAPH_DUMP_INTERVAL: Duration = Duration::from_secs(300);
+/// Keepalive probes on accepted connections, so dead peers are noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Most items one group commit writes.
+const COMMIT_MAX_ITEMS: usize = 256;
 
 /// gRPC service name reported by health.
 pub const SERVICE_NAME: &str = "mplug_search.v1.MplugSearch";
@@ -88,7 +93,8 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(search);
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = TcpIncoming::from_listener(listener, true, Some(TCP_KEEPALIVE))
+        .map_err(|error| invalid_setting("listen", error.to_string()))?;
     let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
     }));
@@ -179,9 +185,11 @@ async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
         "collection open"
     );
 
+    let collection = Arc::new(collection);
     let ready = Ready {
         engine,
-        collection: Arc::new(collection),
+        writer: Writer::start(collection.clone(), COMMIT_MAX_ITEMS)?,
+        collection,
     };
     let _ = slot.set(Arc::new(ready));
     Ok(())
