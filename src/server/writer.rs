@@ -101,7 +101,8 @@ fn commit(collection: &Collection, batch: Vec<Pending>) {
             }
         }
         Err(error) => {
-            tracing::warn!(%error, items = batch.len(), "group commit failed; writing items one by one");
+            let items = batch.len();
+            tracing::warn!(%error, items, "group commit failed; writing items one by one");
             for Pending { item, done } in batch {
                 let _ = done.send(upsert_one(collection, item));
             }
