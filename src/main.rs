@@ -181,8 +181,8 @@ where
         }
         None => args.server.clone(),
     };
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("invalid server url {url}"))?
+    let channel = args
+        .endpoint(&url)?
         .connect()
         .await
         .with_context(|| format!("cannot connect to {url}"))?;

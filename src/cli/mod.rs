@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::engine::{EngineConfig, ModelSource};
 use crate::model::Tasks;
 use crate::server::auth::ApiKey;
 use crate::server::{Limits, ServerSettings, TlsFiles};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Image-text retrieval on mPLUG: ITC search, ITM rerank, captioning and VQA over gRPC.
 #[derive(Debug, Parser)]
@@ -249,6 +250,14 @@ pub struct ClientArgs {
     /// API key to send.
     #[arg(long, env = "MPLUG_SEARCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
+    /// CA certificate (PEM) that signs the server's certificate, for an `https://` server
+    /// whose certificate the system roots do not cover (a private CA or a self-signed one).
+    #[arg(long, env = "MPLUG_SEARCH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to check the server's certificate against, when it differs from the host in
+    /// `--server` (for example when connecting by IP address).
+    #[arg(long, env = "MPLUG_SEARCH_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
     /// Run an embedded server over this data directory instead of connecting to `--server`.
     #[arg(
         long,
@@ -262,6 +271,53 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
+    /// The endpoint of `url`: plaintext for `http://`; for `https://`, TLS verified against
+    /// `--tls-ca` when given, else the system's root certificates, with the name from
+    /// `--tls-domain` when given.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a malformed URL, TLS options given for an `http://`
+    /// URL, or an unknown scheme; [`Error::Io`] when the CA file cannot be read.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint> {
+        let invalid = |reason: String| Error::InvalidArgument {
+            field: "server".into(),
+            reason,
+        };
+        let endpoint =
+            Endpoint::from_shared(url.to_string()).map_err(|e| invalid(format!("{url}: {e}")))?;
+        let tls_options = self.tls_ca.is_some() || self.tls_domain.is_some();
+        match url.split_once("://").map(|(scheme, _)| scheme) {
+            Some("http") if tls_options => Err(invalid(format!(
+                "{url} is plaintext; --tls-ca and --tls-domain need an https:// server"
+            ))),
+            Some("http") => Ok(endpoint),
+            Some("https") => endpoint
+                .tls_config(self.client_tls()?)
+                .map_err(|e| invalid(format!("{url}: {e}"))),
+            _ => Err(invalid(format!(
+                "{url}: expected an http:// or https:// URL"
+            ))),
+        }
+    }
+
+    fn client_tls(&self) -> Result<ClientTlsConfig> {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.tls_ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        if let Some(domain) = &self.tls_domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        Ok(tls)
+    }
+
     /// Settings of the embedded server on a free loopback port when `--data-dir` is set,
     /// `None` otherwise. Errors when the built-in model cannot be written there.
     pub fn embedded_settings(&self) -> Result<Option<ServerSettings>> {
