@@ -13,7 +13,8 @@ use std::time::Duration;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use mplug_index::{Item, ItemKind};
-use tokio::sync::mpsc;
+use prost::Message;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
@@ -30,6 +31,14 @@ pub const INGEST_ITEMS_METRIC: &str = "mplug_search_ingest_items_total";
 
 /// How long an item waits before retrying a full bulk queue.
 const BULK_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+/// Bytes of received items waiting for a place in the window. Reading ahead drains the
+/// transport's buffers, whose per-connection allowance for small frames would otherwise run
+/// out when a client sends many small items one frame each.
+const READ_AHEAD_BYTES: usize = 16 << 20;
+
+/// What an item counts against [`READ_AHEAD_BYTES`] at least: its in-memory overhead.
+const READ_AHEAD_MIN_COST: usize = 256;
 
 type Responses = std::pin::Pin<
     Box<dyn futures::Stream<Item = std::result::Result<proto::IngestResponse, Status>> + Send>,
@@ -72,12 +81,49 @@ impl<F: std::future::Future> InFlight<F> {
     }
 }
 
+/// A received item, holding its share of the read-ahead budget until it is admitted.
+type Received = std::result::Result<(proto::IngestRequest, OwnedSemaphorePermit), Status>;
+
+/// Reads `input` into a queue holding at most about [`READ_AHEAD_BYTES`]; the queue ends
+/// after the stream's end or error, or when the receiver is dropped.
+fn read_ahead(mut input: Streaming<proto::IngestRequest>) -> mpsc::UnboundedReceiver<Received> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
+    tokio::spawn(
+        async move {
+            loop {
+                let item = match input.message().await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = sender.send(Err(status));
+                        return;
+                    }
+                };
+                let cost = item
+                    .encoded_len()
+                    .clamp(READ_AHEAD_MIN_COST, READ_AHEAD_BYTES);
+                let cost = u32::try_from(cost).expect("the read-ahead budget fits in u32");
+                let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+                    return;
+                };
+                if sender.send(Ok((item, permit))).is_err() {
+                    return;
+                }
+            }
+        }
+        .in_current_span(),
+    );
+    receiver
+}
+
 async fn pump(
     ready: Arc<Ready>,
     limits: Arc<Limits>,
-    mut input: Streaming<proto::IngestRequest>,
+    input: Streaming<proto::IngestRequest>,
     sender: Sender,
 ) {
+    let mut input = read_ahead(input);
     let start = |item| ingest_one(ready.clone(), limits.clone(), item);
     let mut flight = InFlight {
         futures: FuturesOrdered::new(),
@@ -98,14 +144,14 @@ async fn pump(
                     return;
                 }
             }
-            next = input.message(), if open => {
+            next = input.recv(), if open => {
                 match next {
-                    Ok(Some(item)) => {
+                    Some(Ok((item, _permit))) => {
                         received += 1;
                         flight.admit(item, start);
                     }
-                    Ok(None) => ended = Some(None),
-                    Err(status) => ended = Some(Some(status)),
+                    None => ended = Some(None),
+                    Some(Err(status)) => ended = Some(Some(status)),
                 }
             }
         }

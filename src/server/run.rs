@@ -28,6 +28,9 @@ pub const COLLECTION_DIR: &str = "collection";
 const GRAPH_DUMP_INTERVAL: Duration = Duration::from_secs(300);
 /// Keepalive probes on accepted connections, so dead peers are noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// HTTP/2 connection receive window. The transport's allowance for buffered small frames
+/// is half of it, so a large window lets clients stream many small items per connection.
+const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 /// Most items one group commit writes.
 const COMMIT_MAX_ITEMS: usize = 256;
 
@@ -82,7 +85,7 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
         .map_err(|error| invalid_setting("reflection", error.to_string()))?;
     let reflection = tonic::service::interceptor::InterceptedService::new(reflection, auth);
 
-    let mut builder = Server::builder();
+    let mut builder = Server::builder().initial_connection_window_size(CONNECTION_WINDOW_BYTES);
     if let Some(tls) = &settings.tls {
         builder = builder
             .tls_config(tls_config(tls)?)
