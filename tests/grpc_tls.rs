@@ -154,10 +154,42 @@ async fn unreadable_or_malformed_certificates_stop_the_server_from_starting() {
         cert: pki.tls.cert.clone(),
         key: garbage,
     });
+    let error = mplug_search::server::start(malformed)
+        .await
+        .err()
+        .expect("a malformed key is refused");
+    assert!(error.to_string().contains("garbage.key"), "{error}");
+
+    let mut swapped = settings(&dir.path().join("data"), None);
+    swapped.tls = Some(TlsFiles {
+        cert: pki.tls.key.clone(),
+        key: pki.tls.cert.clone(),
+    });
+    let error = mplug_search::server::start(swapped)
+        .await
+        .err()
+        .expect("a key given as the certificate is refused");
     assert!(
-        mplug_search::server::start(malformed).await.is_err(),
-        "a malformed key is refused"
+        error.to_string().contains("no PEM block of CERTIFICATE"),
+        "{error}"
     );
+
+    let cli = Cli::try_parse_from([
+        "mplug-search",
+        "stats",
+        "--server",
+        "https://127.0.0.1:50051",
+        "--tls-ca",
+        pki.tls.key.to_str().expect("utf-8 path"),
+    ])
+    .expect("flags parse");
+    let Command::Stats(client) = cli.command else {
+        panic!("parsed as stats");
+    };
+    let error = client
+        .endpoint("https://127.0.0.1:50051")
+        .expect_err("a CA file without a certificate is refused");
+    assert!(error.to_string().contains("server.key"), "{error}");
 }
 
 #[test]

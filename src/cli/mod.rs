@@ -277,7 +277,8 @@ impl ClientArgs {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a malformed URL, TLS options given for an `http://`
-    /// URL, or an unknown scheme; [`Error::Io`] when the CA file cannot be read.
+    /// URL, an unknown scheme, or a CA file without a certificate; [`Error::Io`] when the CA
+    /// file cannot be read.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint> {
         let invalid = |reason: String| Error::InvalidArgument {
             field: "server".into(),
@@ -304,10 +305,7 @@ impl ClientArgs {
         let mut tls = ClientTlsConfig::new();
         tls = match &self.tls_ca {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|source| Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+                let pem = crate::server::run::read_pem(path, "tls_ca", &["CERTIFICATE"])?;
                 tls.ca_certificate(Certificate::from_pem(pem))
             }
             None => tls.with_native_roots(),

@@ -3,7 +3,9 @@
 //!
 //! It is filled when images are ingested and consulted by rerank, match, caption and
 //! VQA requests that name a stored item; a miss is recomputed by the caller from the
-//! image stored in the index and inserted again.
+//! image stored in the index and inserted again. Each entry carries the content hash of the
+//! image it was computed from, so a caller can tell an entry that outlived a replacement or
+//! a delete of its item from a current one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,30 +39,40 @@ impl CacheStats {
     }
 }
 
+/// Content hash of the image an entry was computed from.
+pub type ContentHash = [u8; 32];
+
+#[derive(Debug)]
+struct Entry {
+    tokens: Arc<VisionTokens>,
+    hash: ContentHash,
+    stamp: u64,
+}
+
 #[derive(Debug, Default)]
 struct Lru {
-    entries: HashMap<String, (Arc<VisionTokens>, u64)>,
+    entries: HashMap<String, Entry>,
     order: BTreeMap<u64, String>,
     clock: u64,
     bytes: usize,
 }
 
 impl Lru {
-    fn touch(&mut self, id: &str) -> Option<Arc<VisionTokens>> {
+    fn touch(&mut self, id: &str) -> Option<(Arc<VisionTokens>, ContentHash)> {
         self.clock += 1;
         let clock = self.clock;
-        let (tokens, stamp) = self.entries.get_mut(id)?;
-        let old = std::mem::replace(stamp, clock);
-        let tokens = Arc::clone(tokens);
+        let entry = self.entries.get_mut(id)?;
+        let old = std::mem::replace(&mut entry.stamp, clock);
+        let found = (Arc::clone(&entry.tokens), entry.hash);
         self.order.remove(&old);
         self.order.insert(clock, id.to_owned());
-        Some(tokens)
+        Some(found)
     }
 
     fn remove(&mut self, id: &str) {
-        if let Some((tokens, stamp)) = self.entries.remove(id) {
-            self.order.remove(&stamp);
-            self.bytes -= tokens.byte_size();
+        if let Some(entry) = self.entries.remove(id) {
+            self.order.remove(&entry.stamp);
+            self.bytes -= entry.tokens.byte_size();
         }
     }
 
@@ -68,8 +80,8 @@ impl Lru {
         let Some((_, id)) = self.order.pop_first() else {
             return false;
         };
-        if let Some((tokens, _)) = self.entries.remove(&id) {
-            self.bytes -= tokens.byte_size();
+        if let Some(entry) = self.entries.remove(&id) {
+            self.bytes -= entry.tokens.byte_size();
         }
         true
     }
@@ -95,8 +107,9 @@ impl FeatureCache {
         }
     }
 
-    /// The entry for `id`, marking it recently used; counts a hit or a miss.
-    pub fn get(&self, id: &str) -> Option<Arc<VisionTokens>> {
+    /// The entry for `id` and the content hash it was computed from, marking it recently
+    /// used; counts a hit or a miss.
+    pub fn get(&self, id: &str) -> Option<(Arc<VisionTokens>, ContentHash)> {
         let found = self.lock().touch(id);
         let counter = if found.is_some() {
             &self.hits
@@ -107,10 +120,10 @@ impl FeatureCache {
         found
     }
 
-    /// Stores `tokens` for `id`, replacing any previous entry and evicting the least
-    /// recently used entries until the budget holds. An entry larger than the whole
-    /// budget is not stored.
-    pub fn insert(&self, id: &str, tokens: Arc<VisionTokens>) {
+    /// Stores `tokens`, computed from the image whose content hash is `hash`, for `id`,
+    /// replacing any previous entry and evicting the least recently used entries until the
+    /// budget holds. An entry larger than the whole budget is not stored.
+    pub fn insert(&self, id: &str, hash: ContentHash, tokens: Arc<VisionTokens>) {
         let size = tokens.byte_size();
         let mut lru = self.lock();
         lru.remove(id);
@@ -123,7 +136,12 @@ impl FeatureCache {
         let clock = lru.clock;
         lru.bytes += size;
         lru.order.insert(clock, id.to_owned());
-        lru.entries.insert(id.to_owned(), (tokens, clock));
+        let entry = Entry {
+            tokens,
+            hash,
+            stamp: clock,
+        };
+        lru.entries.insert(id.to_owned(), entry);
     }
 
     /// Forgets `id` (after a delete or a content change).
@@ -156,6 +174,8 @@ impl FeatureCache {
 mod tests {
     use super::*;
 
+    const HASH: ContentHash = [7; 32];
+
     fn tokens(n: usize) -> Arc<VisionTokens> {
         let values = vec![0.5_f32; n];
         Arc::new(VisionTokens::from_f32(&values, n, 1).expect("length matches by construction"))
@@ -164,12 +184,12 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_first_within_budget() {
         let cache = FeatureCache::new(3 * 8);
-        cache.insert("a", tokens(4));
-        cache.insert("b", tokens(4));
-        cache.insert("c", tokens(4));
+        cache.insert("a", HASH, tokens(4));
+        cache.insert("b", HASH, tokens(4));
+        cache.insert("c", HASH, tokens(4));
         assert!(cache.get("a").is_some());
 
-        cache.insert("d", tokens(4));
+        cache.insert("d", HASH, tokens(4));
         assert!(cache.get("b").is_none(), "b was the least recently used");
         assert!(cache.get("a").is_some());
         assert!(cache.get("c").is_some());
@@ -180,8 +200,8 @@ mod tests {
     #[test]
     fn replacing_an_entry_frees_its_old_bytes() {
         let cache = FeatureCache::new(100);
-        cache.insert("a", tokens(10));
-        cache.insert("a", tokens(20));
+        cache.insert("a", HASH, tokens(10));
+        cache.insert("a", HASH, tokens(20));
         let stats = cache.stats();
         assert_eq!((stats.entries, stats.bytes), (1, 40));
 
@@ -192,19 +212,28 @@ mod tests {
     #[test]
     fn oversized_entry_is_not_stored_and_zero_budget_disables() {
         let cache = FeatureCache::new(10);
-        cache.insert("big", tokens(6));
+        cache.insert("big", HASH, tokens(6));
         assert!(cache.get("big").is_none());
 
         let disabled = FeatureCache::new(0);
-        disabled.insert("a", tokens(1));
+        disabled.insert("a", HASH, tokens(1));
         assert_eq!(disabled.stats().entries, 0);
+    }
+
+    #[test]
+    fn an_entry_returns_the_hash_it_was_stored_with() {
+        let cache = FeatureCache::new(100);
+        cache.insert("a", HASH, tokens(1));
+        cache.insert("a", [9; 32], tokens(2));
+        let (found, hash) = cache.get("a").expect("stored");
+        assert_eq!((found.byte_size(), hash), (4, [9; 32]));
     }
 
     #[test]
     fn hit_ratio_counts_lookups() {
         let cache = FeatureCache::new(100);
         assert_eq!(cache.stats().hit_ratio(), 0.0);
-        cache.insert("a", tokens(1));
+        cache.insert("a", HASH, tokens(1));
         cache.get("a");
         cache.get("missing");
         cache.get("a");

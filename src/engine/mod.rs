@@ -29,7 +29,7 @@ pub use backend::{
     Backend, Generated, GenerationSettings, ImageEncoding, ItmScore, ModelInfo, RgbImage,
     VisionTokens,
 };
-pub use cache::{CacheStats, FeatureCache};
+pub use cache::{CacheStats, ContentHash, FeatureCache};
 pub use mplug::{parity_model_paths, ModelSource, MplugBackend};
 use queue::{BatchLimits, Call, EncodeJob, HeavyTask, QueueCounters};
 
@@ -117,9 +117,10 @@ struct Queue<T> {
 impl<T> Queue<T> {
     fn push(&self, item: T) -> Result<()> {
         let sent = self.sender.try_send(item);
-        metrics::gauge!(QUEUE_DEPTH_METRIC, "queue" => self.name).set(self.sender.len() as f64);
+        self.counters.record_depth(self.sender.len());
         sent.map_err(|error| match error {
             TrySendError::Full(_) => {
+                metrics::counter!(QUEUE_REJECTED_METRIC, "queue" => self.name).increment(1);
                 let counter = &self.counters.rejected;
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Error::QueueFull {
@@ -147,6 +148,8 @@ impl<T> Queue<T> {
 
 /// Gauge of requests waiting per queue (label `queue`).
 pub const QUEUE_DEPTH_METRIC: &str = "mplug_search_engine_queue_depth";
+/// Counter of requests refused because their queue was full (label `queue`).
+pub const QUEUE_REJECTED_METRIC: &str = "mplug_search_engine_rejected_total";
 
 struct Inner {
     backend: Arc<dyn Backend>,
@@ -340,7 +343,10 @@ fn queue<T>(name: &'static str, capacity: usize) -> (Queue<T>, crossbeam_channel
         name,
         sender,
         capacity,
-        counters: Arc::new(QueueCounters::default()),
+        counters: Arc::new(QueueCounters {
+            queue: name,
+            ..QueueCounters::default()
+        }),
     };
     (queue, receiver)
 }

@@ -96,10 +96,19 @@ pub(crate) struct BatchLimits {
 /// Counters shared between a queue's producers and its worker.
 #[derive(Debug, Default)]
 pub(crate) struct QueueCounters {
+    /// Name of the queue, the label of its metrics.
+    pub(crate) queue: &'static str,
     pub(crate) dropped: AtomicU64,
     pub(crate) rejected: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) batched_inputs: AtomicU64,
+}
+
+impl QueueCounters {
+    /// Publishes the number of requests waiting in the queue.
+    pub(crate) fn record_depth(&self, depth: usize) {
+        metrics::gauge!(super::QUEUE_DEPTH_METRIC, "queue" => self.queue).set(depth as f64);
+    }
 }
 
 /// Drains an encode queue until every sender is gone.
@@ -111,6 +120,7 @@ pub(crate) fn run_encode_worker(
 ) {
     while let Ok(first) = rx.recv() {
         let batch = collect_batch(&rx, first, limits);
+        counters.record_depth(rx.len());
         let live = drop_abandoned(batch, &counters);
         if live.is_empty() {
             continue;
@@ -267,6 +277,7 @@ pub(crate) fn run_heavy_worker(
     counters: Arc<QueueCounters>,
 ) {
     while let Ok(task) = rx.recv() {
+        counters.record_depth(rx.len());
         if task.is_abandoned() {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("skipped a heavy request whose caller went away");

@@ -16,7 +16,7 @@ use super::settings::Limits;
 use super::status::{code_of, kind_label};
 use super::writer::Writer;
 use crate::engine::{
-    Backend, EncodeClass, Engine, GenerationSettings, ItmScore, RgbImage, VisionTokens,
+    Backend, ContentHash, EncodeClass, Engine, GenerationSettings, ItmScore, RgbImage, VisionTokens,
 };
 use crate::{Error, Result};
 
@@ -28,6 +28,8 @@ pub struct Ready {
     pub collection: Arc<Collection>,
     /// Group commit of ingested items into the collection.
     pub writer: Writer,
+    /// Bounds the images being decoded at once, and so the memory decoding takes.
+    pub decodes: tokio::sync::Semaphore,
 }
 
 /// Set once the model and collection are loaded.
@@ -113,12 +115,13 @@ pub(crate) enum ImageSource {
     Tokens(Arc<VisionTokens>),
     Pixels {
         image: RgbImage,
-        cache_id: Option<String>,
+        /// The stored item's id and content hash, when the features belong in the cache.
+        cache_id: Option<(String, ContentHash)>,
     },
 }
 
 /// Vision tokens computed for stored items, to be inserted in the cache.
-type FreshTokens = Vec<(String, Arc<VisionTokens>)>;
+type FreshTokens = Vec<((String, ContentHash), Arc<VisionTokens>)>;
 
 /// Encodes pixel sources on the calling (engine) thread; returns the tokens in order and
 /// the newly computed ones that belong in the cache.
@@ -169,20 +172,29 @@ impl Ready {
         found.await
     }
 
-    async fn decode(&self, bytes: Vec<u8>) -> Result<RgbImage> {
+    /// Decodes image bytes on the blocking pool, at most [`Self::decodes`] at once.
+    pub(crate) async fn decode(&self, bytes: Vec<u8>) -> Result<RgbImage> {
         if bytes.is_empty() {
             return Err(Error::ImageDecode {
                 reason: "the image is empty (zero bytes)".into(),
             });
         }
+        let _permit = self
+            .decodes
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         let backend = self.engine.backend().clone();
         blocking("decode", move || backend.decode_image(&bytes)).await
     }
 
     /// The image of a stored item: its cached features, or its decoded payload.
     async fn stored_image(&self, id: String) -> Result<ImageSource> {
-        if let Some(tokens) = self.engine.cache().get(&id) {
-            return Ok(ImageSource::Tokens(tokens));
+        if let Some((tokens, hash)) = self.engine.cache().get(&id) {
+            if self.collection.contains(&id, &hash)? {
+                return Ok(ImageSource::Tokens(tokens));
+            }
+            self.engine.cache().remove(&id);
         }
         let item = self.get_item(id.clone()).await?;
         if item.kind != ItemKind::Image {
@@ -194,7 +206,7 @@ impl Ready {
         let image = self.decode(item.payload.unwrap_or_default()).await?;
         Ok(ImageSource::Pixels {
             image,
-            cache_id: Some(id),
+            cache_id: Some((id, item.content_hash)),
         })
     }
 
@@ -246,8 +258,8 @@ impl Ready {
             Ok((work(backend, tokens)?, fresh))
         };
         let (answer, fresh) = self.engine.run_heavy(run).await?;
-        for (id, tokens) in fresh {
-            self.engine.cache().insert(&id, tokens);
+        for ((id, hash), tokens) in fresh {
+            self.engine.cache().insert(&id, hash, tokens);
         }
         Ok(answer)
     }
@@ -693,4 +705,88 @@ fn rank(hits: Vec<mplug_index::Hit>, scores: Option<Vec<ItmScore>>, k: usize) ->
         metadata: hit.metadata.into_iter().collect(),
     };
     ranked.into_iter().map(hit).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use mplug_index::{HnswParams, Metric, Settings};
+
+    use super::*;
+    use crate::engine::{parity_model_paths, EngineConfig, ModelSource, MplugBackend};
+    use crate::model::Tasks;
+
+    fn ready(dir: &Path) -> Ready {
+        let (checkpoint, config) = parity_model_paths(Path::new(env!("CARGO_MANIFEST_DIR")));
+        let source = ModelSource {
+            checkpoint,
+            config,
+            tasks: Tasks::ALL,
+            max_pixels: 1 << 20,
+        };
+        let backend = MplugBackend::load(&source).expect("parity model loads");
+        let settings = Settings {
+            dimension: backend.info_snapshot().embed_dim,
+            metric: Metric::Cosine,
+            hnsw: HnswParams::default(),
+            model_id: "cache-test".into(),
+        };
+        let engine = Engine::start(Arc::new(backend), &EngineConfig::default()).expect("engine");
+        let collection = Arc::new(Collection::open(dir, settings).expect("collection opens"));
+        Ready {
+            engine,
+            writer: Writer::start(collection.clone(), 8).expect("writer"),
+            decodes: tokio::sync::Semaphore::new(2),
+            collection,
+        }
+    }
+
+    fn png() -> Vec<u8> {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(8, 8, image::Rgb([200, 10, 10]))
+            .write_to(&mut bytes, image::ImageFormat::Png)
+            .expect("png encodes");
+        bytes.into_inner()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_features_are_used_only_while_the_item_holds_their_content() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ready = ready(dir.path());
+        let dimension = ready.collection.settings().dimension;
+        let item = Item {
+            id: "x".into(),
+            kind: ItemKind::Image,
+            vector: vec![1.0; dimension],
+            metadata: Default::default(),
+            content_hash: [1; 32],
+            payload: Some(png()),
+        };
+        ready.writer.upsert(item).await.expect("stored");
+        let tokens = Arc::new(VisionTokens::from_f32(&[0.25; 4], 2, 2).expect("2x2"));
+
+        ready.engine.cache().insert("x", [1; 32], tokens.clone());
+        let current = ready.stored_image("x".into()).await.expect("stored image");
+        assert!(matches!(current, ImageSource::Tokens(t) if Arc::ptr_eq(&t, &tokens)));
+
+        ready.engine.cache().insert("x", [2; 32], tokens.clone());
+        let stale = ready.stored_image("x".into()).await.expect("stored image");
+        assert!(
+            matches!(stale, ImageSource::Pixels { .. }),
+            "stale entry ignored"
+        );
+        assert!(
+            ready.engine.cache().get("x").is_none(),
+            "stale entry dropped"
+        );
+
+        ready.engine.cache().insert("x", [1; 32], tokens);
+        ready.collection.delete("x").expect("deleted");
+        let gone = ready.stored_image("x".into()).await;
+        assert!(
+            matches!(gone, Err(Error::NotFound { .. })),
+            "deleted item not served"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
-use mplug_index::{Item, ItemKind};
+use mplug_index::{Item, ItemKind, UpsertOutcome};
 use prost::Message;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -226,8 +226,12 @@ async fn store(
         return Ok(status);
     }
     let item = embed(ready, item).await?;
-    upsert(ready, item).await?;
-    Ok((IngestStatus::Indexed, Vec::new()))
+    let status = match upsert(ready, item).await? {
+        // A concurrent stream stored the same content under this id first.
+        UpsertOutcome::Unchanged => IngestStatus::Unchanged,
+        UpsertOutcome::Inserted | UpsertOutcome::Replaced => IngestStatus::Indexed,
+    };
+    Ok((status, Vec::new()))
 }
 
 /// Stores the item without model work when its content is already stored: under the
@@ -284,11 +288,11 @@ async fn embed(ready: &Ready, mut item: Item) -> Result<Item> {
             ready.engine.cache().remove(&item.id);
         }
         ItemKind::Image => {
-            let backend = ready.engine.backend().clone();
-            let image = blocking("decode", move || backend.decode_image(&payload)).await?;
+            let image = ready.decode(payload).await?;
             let encoded =
                 retry_full(|| ready.engine.encode_image(EncodeClass::Bulk, image.clone())).await?;
-            ready.engine.cache().insert(&item.id, encoded.tokens);
+            let cache = ready.engine.cache();
+            cache.insert(&item.id, item.content_hash, encoded.tokens);
             item.vector = encoded.embedding;
         }
     }
@@ -310,7 +314,6 @@ where
 }
 
 /// Stores the item with the next group commit; returns once it is durable.
-async fn upsert(ready: &Ready, item: Item) -> Result<()> {
-    ready.writer.upsert(item).await?;
-    Ok(())
+async fn upsert(ready: &Ready, item: Item) -> Result<UpsertOutcome> {
+    ready.writer.upsert(item).await
 }

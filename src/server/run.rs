@@ -89,7 +89,7 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
     if let Some(tls) = &settings.tls {
         builder = builder
             .tls_config(tls_config(tls)?)
-            .map_err(|error| invalid_setting("tls", error.to_string()))?;
+            .map_err(|error| invalid_setting("tls", error_chain(&error)))?;
     }
     let (stop, stopped) = oneshot::channel::<()>();
     let router = builder
@@ -192,6 +192,7 @@ async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
     let ready = Ready {
         engine,
         writer: Writer::start(collection.clone(), COMMIT_MAX_ITEMS)?,
+        decodes: tokio::sync::Semaphore::new(concurrent_decodes()),
         collection,
     };
     let _ = slot.set(Arc::new(ready));
@@ -214,15 +215,52 @@ async fn dump_periodically(ready: ReadySlot) {
     }
 }
 
+/// Images decoded at once: one per core, so decoding uses the cores without holding more
+/// than a few decoded images (up to `max_pixels` each) in memory.
+fn concurrent_decodes() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// The server identity from the PEM files; each file must hold what its flag names (an
+/// unencrypted key: the server cannot ask for a passphrase).
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
-    Ok(ServerTlsConfig::new().identity(identity))
+    let cert = read_pem(&files.cert, "tls_cert", &["CERTIFICATE"])?;
+    let key_kinds = ["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"];
+    let key = read_pem(&files.key, "tls_key", &key_kinds)?;
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+}
+
+/// The bytes of the PEM file at `path`, which must hold a block of one of `kinds`.
+pub(crate) fn read_pem(path: &Path, field: &str, kinds: &[&str]) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = kinds
+        .iter()
+        .any(|kind| text.contains(&format!("-----BEGIN {kind}-----")));
+    if !found {
+        let reason = format!(
+            "{} holds no PEM block of {}",
+            path.display(),
+            kinds.join(" or ")
+        );
+        return Err(invalid_setting(field, reason));
+    }
+    Ok(bytes)
+}
+
+/// An error and its sources, outermost first.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }
 
 fn start_metrics(addr: SocketAddr) -> Result<()> {
