@@ -140,6 +140,7 @@ impl Collection {
 
         let dumps = DumpDir::new(dir);
         let (graph, origin) = initial_graph(&store, &dumps, &settings, epoch, &loaded)?;
+        tracing::debug!(?origin, kernel = graph.kernel(), "graph ready");
         let dirty = origin == GraphOrigin::Rebuilt;
         let dumped = if origin == GraphOrigin::Reloaded {
             epoch
@@ -309,7 +310,10 @@ fn initial_graph(
     loaded: &Loaded,
 ) -> Result<(Graph, GraphOrigin)> {
     if loaded.live.is_empty() {
-        return Ok((Graph::new(&settings.hnsw, 0), GraphOrigin::Empty));
+        return Ok((
+            Graph::new(&settings.hnsw, settings.dimension, 0),
+            GraphOrigin::Empty,
+        ));
     }
     match dumps.load(epoch, settings.dimension, &settings.hnsw) {
         Ok(graph) if graph.len() >= loaded.live.len() => {
@@ -324,8 +328,8 @@ fn initial_graph(
         Err(reason) => tracing::info!(%reason, "rebuilding the graph"),
     }
 
-    let graph = Graph::new(&settings.hnsw, loaded.live.len());
-    build_into(store, &graph, settings.dimension, &loaded.live)?;
+    let mut graph = Graph::new(&settings.hnsw, settings.dimension, loaded.live.len());
+    build_into(store, &mut graph, settings.dimension, &loaded.live)?;
     Ok((graph, GraphOrigin::Rebuilt))
 }
 
@@ -333,20 +337,23 @@ fn initial_graph(
 /// item whose vector is missing or damaged is reported and skipped.
 fn build_into(
     store: &Store,
-    graph: &Graph,
+    graph: &mut Graph,
     dimension: usize,
     live: &[(u64, String)],
 ) -> Result<()> {
+    if !graph.has_room(live.len()) {
+        *graph = graph.with_room(live.len());
+    }
     for chunk in live.chunks(BUILD_CHUNK) {
         let mut vectors = Vec::with_capacity(chunk.len());
         for (slot, id) in chunk {
             match store.vector(id, dimension) {
-                Ok(Some(v)) => vectors.push((v, *slot as usize)),
+                Ok(Some(v)) => vectors.push((v, *slot)),
                 Ok(None) => tracing::error!(%id, "item has no stored vector; skipped"),
                 Err(e) => tracing::error!(error = %e, "damaged vector; item skipped"),
             }
         }
-        let refs: Vec<(&[f32], usize)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
+        let refs: Vec<(&[f32], u64)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
         graph.insert(&refs);
     }
     Ok(())
@@ -462,10 +469,14 @@ impl Inner {
             self.count(entry.info.kind).fetch_add(1, Ordering::Relaxed);
             self.slots.publish(entry.slot, entry.info.clone());
         }
-        let graph = Arc::clone(&self.graph.read());
-        let items: Vec<(&[f32], usize)> = applied
+        let mut graph = Arc::clone(&self.graph.read());
+        if !graph.has_room(applied.len()) {
+            graph = Arc::new(graph.with_room(applied.len()));
+            *self.graph.write() = Arc::clone(&graph);
+        }
+        let items: Vec<(&[f32], u64)> = applied
             .iter()
-            .map(|a| (a.vector.as_slice(), a.slot as usize))
+            .map(|a| (a.vector.as_slice(), a.slot))
             .collect();
         graph.insert(&items);
     }
@@ -554,9 +565,10 @@ impl Inner {
             .iter_live()
             .map(|(slot, info)| (slot, info.id.clone()))
             .collect();
-        let graph = Graph::new(&self.settings.hnsw, live.len());
-        build_into(&self.store, &graph, self.settings.dimension, &live)?;
-        let built: HashSet<u64> = graph.slots().into_iter().map(|s| s as u64).collect();
+        let dimension = self.settings.dimension;
+        let mut graph = Graph::new(&self.settings.hnsw, dimension, live.len());
+        build_into(&self.store, &mut graph, dimension, &live)?;
+        let built: HashSet<u64> = graph.slots().into_iter().collect();
 
         let _writer = self.writer.lock();
         let missing: Vec<(u64, String)> = self
@@ -566,7 +578,7 @@ impl Inner {
             .filter(|(slot, _)| !built.contains(slot))
             .map(|(slot, info)| (slot, info.id.clone()))
             .collect();
-        build_into(&self.store, &graph, self.settings.dimension, &missing)?;
+        build_into(&self.store, &mut graph, dimension, &missing)?;
         *self.graph.write() = Arc::new(graph);
         self.dirty.store(true, Ordering::Release);
         Ok(())

@@ -8,81 +8,82 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use hnsw_rs::prelude::{AnnT, FilterT, Hnsw, HnswIo};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::hnsw::{Accept, GraphFile, Hnsw, Shape, VectorFile};
 use crate::types::HnswParams;
-use crate::vector::UnitDot;
 
 /// Directory holding graph dumps inside the collection directory.
 pub(crate) const GRAPH_DIR: &str = "graph";
 const CURRENT_FILE: &str = "CURRENT";
 const MANIFEST_FILE: &str = "manifest.json";
 const BASENAME: &str = "nodes";
-const DUMP_FORMAT: u32 = 1;
-/// Layers the graph may use (the graph library's maximum).
-const MAX_LAYERS: usize = 16;
-/// Below this many vectors an insert runs on the calling thread.
-const PARALLEL_INSERT_MIN: usize = 64;
+const DUMP_FORMAT: u32 = 2;
 
-/// HNSW graph whose data ids are slot numbers.
+/// The HNSW graph of a collection; node data ids are slot numbers.
 pub(crate) struct Graph {
-    hnsw: Hnsw<'static, f32, UnitDot>,
+    hnsw: Hnsw,
 }
 
 impl Graph {
-    /// An empty graph sized for about `capacity` vectors.
-    pub fn new(params: &HnswParams, capacity: usize) -> Self {
-        let hnsw = Hnsw::new(
-            params.max_connections,
-            capacity.max(1024),
-            MAX_LAYERS,
-            params.ef_construction,
-            UnitDot,
-        );
-        Self { hnsw }
+    /// An empty graph of `dimension`-d vectors with room for `capacity` nodes.
+    pub fn new(params: &HnswParams, dimension: usize, capacity: usize) -> Self {
+        let shape = Shape {
+            dimension,
+            max_connections: params.max_connections,
+            ef_construction: params.ef_construction,
+        };
+        Self {
+            hnsw: Hnsw::new(shape, capacity),
+        }
     }
 
-    /// Adds vectors under their slots, in parallel for large batches.
-    pub fn insert(&self, items: &[(&[f32], usize)]) {
-        if items.len() < PARALLEL_INSERT_MIN {
-            for &(vector, slot) in items {
-                self.hnsw.insert_slice((vector, slot));
-            }
-        } else {
-            self.hnsw.parallel_insert_slice(&items.to_vec());
+    /// Adds vectors under their slots, in parallel for large batches. The caller makes room
+    /// first ([`Graph::has_room`]); vectors past the capacity are left out and logged.
+    pub fn insert(&self, items: &[(&[f32], u64)]) {
+        self.hnsw.insert(items);
+    }
+
+    /// True when `extra` more vectors fit.
+    pub fn has_room(&self, extra: usize) -> bool {
+        self.hnsw.has_room(extra)
+    }
+
+    /// A copy with room for at least `extra` more vectors.
+    pub fn with_room(&self, extra: usize) -> Self {
+        Self {
+            hnsw: self.hnsw.with_room(extra),
         }
     }
 
     /// Nodes in the graph, live or tombstoned.
     pub fn len(&self) -> usize {
-        self.hnsw.get_nb_point()
+        self.hnsw.len()
     }
 
-    /// Up to `count` nearest slots as `(slot, distance)`, nearest first, among those the
-    /// filter accepts.
+    /// Up to `count` nearest slots the filter accepts, as `(slot, inner product)`, nearest
+    /// first. Nodes the filter rejects are still walked through.
     pub fn search(
         &self,
         query: &[f32],
         count: usize,
         ef: usize,
-        filter: Option<&dyn FilterT>,
-    ) -> Vec<(usize, f32)> {
-        self.hnsw
-            .search_filter(query, count, ef.max(count), filter)
-            .into_iter()
-            .map(|n| (n.d_id, n.distance))
-            .collect()
+        accept: Option<Accept<'_>>,
+    ) -> Vec<(u64, f32)> {
+        self.hnsw.search(query, count, ef, accept)
     }
 
     /// Slot numbers of every node.
-    pub fn slots(&self) -> Vec<usize> {
-        let points = self.hnsw.get_point_indexation();
-        points.into_iter().map(|p| p.get_origin_id()).collect()
+    pub fn slots(&self) -> Vec<u64> {
+        self.hnsw.slots()
+    }
+
+    /// Instruction set of the inner product kernel the graph uses.
+    pub fn kernel(&self) -> &'static str {
+        self.hnsw.kernel()
     }
 }
 
@@ -135,7 +136,7 @@ fn sync_file(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-/// The graph library's two dump files for a basename.
+/// The two dump files for a basename: links and levels, then slots and vectors.
 fn dump_files(basename: &str) -> [String; 2] {
     [
         format!("{basename}.hnsw.graph"),
@@ -172,12 +173,12 @@ impl DumpDir {
         }
         fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
 
-        let dumped = catch_unwind(AssertUnwindSafe(|| graph.hnsw.file_dump(&dir, BASENAME)));
-        let basename = match dumped {
-            Ok(Ok(basename)) => basename,
-            Ok(Err(e)) => return Err(io_error(&dir, format!("graph dump failed: {e}"))),
-            Err(_) => return Err(io_error(&dir, "graph dump panicked")),
-        };
+        let [graph_file, vector_file] = dump_files(BASENAME).map(|name| dir.join(name));
+        graph
+            .hnsw
+            .write_files(&graph_file, &vector_file)
+            .map_err(|e| io_error(&dir, format!("graph dump failed: {e}")))?;
+        let basename = BASENAME.to_string();
 
         let manifest = self.describe(&dir, graph, epoch, params, basename)?;
         self.publish(&dir, &name, &manifest)?;
@@ -205,7 +206,7 @@ impl DumpDir {
             epoch,
             basename,
             points: graph.len(),
-            dimension: graph.hnsw.get_point_indexation().get_data_dimension(),
+            dimension: graph.hnsw.shape().dimension,
             max_connections: params.max_connections,
             ef_construction: params.ef_construction,
             files,
@@ -269,8 +270,8 @@ impl DumpDir {
             return Err(format!("dump was built with connections/ef {shape:?}"));
         }
 
-        verify_files(&dir, &manifest)?;
-        let graph = reload(&dir, &manifest.basename)?;
+        check_lengths(&dir, &manifest)?;
+        let graph = reload(&dir, &manifest, dimension, params)?;
         if graph.len() != manifest.points {
             return Err(format!(
                 "dump holds {} points, manifest says {}",
@@ -293,8 +294,8 @@ fn read_manifest(dir: &Path) -> std::result::Result<Manifest, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("manifest: {e}"))
 }
 
-/// Checks lengths first (cheap), then checksums of both files in parallel.
-fn verify_files(dir: &Path, manifest: &Manifest) -> std::result::Result<(), String> {
+/// Checks the file list and lengths against the manifest (cheap, before any read).
+fn check_lengths(dir: &Path, manifest: &Manifest) -> std::result::Result<(), String> {
     let expected = dump_files(&manifest.basename);
     let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
     if listed != expected.iter().map(String::as_str).collect::<Vec<_>>() {
@@ -309,40 +310,39 @@ fn verify_files(dir: &Path, manifest: &Manifest) -> std::result::Result<(), Stri
             ));
         }
     }
-
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = manifest
-            .files
-            .iter()
-            .map(|file| scope.spawn(move || (file, checksum(&dir.join(&file.name)))))
-            .collect();
-        for handle in handles {
-            let (file, sum) = handle.join().map_err(|_| "checksum thread panicked")?;
-            let (_, sum) = sum.map_err(|e| format!("{}: {e}", file.name))?;
-            if sum != file.blake3 {
-                return Err(format!("{} checksum mismatch", file.name));
-            }
-        }
-        Ok(())
-    })
+    Ok(())
 }
 
-/// Loads the graph files. The loader's result borrows the loader, so the loader (a few
-/// hundred bytes: a path and a name) is leaked to give the graph a static lifetime; this
-/// happens at most once per open. Panics inside the graph library are caught.
-fn reload(dir: &Path, basename: &str) -> std::result::Result<Graph, String> {
-    let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, basename)));
-    let load = move || {
-        let loader = loader;
-        loader.load_hnsw::<f32, UnitDot>()
-    };
-    let loaded = catch_unwind(AssertUnwindSafe(load));
-    match loaded {
-        Ok(Ok(mut hnsw)) => {
-            hnsw.set_extend_candidates(false);
-            Ok(Graph { hnsw })
+/// Reads both files in parallel (each hashed while read), compares the checksums with the
+/// manifest and assembles the graph, with room for a quarter more nodes before the first
+/// copy.
+fn reload(
+    dir: &Path,
+    manifest: &Manifest,
+    dimension: usize,
+    params: &HnswParams,
+) -> std::result::Result<Graph, String> {
+    let spare = manifest.points / 4 + 1024;
+    let [graph_path, vector_path] = dump_files(&manifest.basename).map(|n| dir.join(n));
+    let (graph, vectors) = std::thread::scope(|scope| {
+        let graph = scope.spawn(|| GraphFile::read(&graph_path, spare));
+        let vectors = VectorFile::read(&vector_path, spare);
+        let graph = graph
+            .join()
+            .map_err(|_| "graph reader panicked".to_string());
+        (graph.and_then(|g| g), vectors)
+    });
+    let (graph, vectors) = (graph?, vectors?);
+    for (file, sum) in manifest.files.iter().zip([&graph.blake3, &vectors.blake3]) {
+        if *sum != file.blake3 {
+            return Err(format!("{} checksum mismatch", file.name));
         }
-        Ok(Err(e)) => Err(format!("graph library refused the dump: {e}")),
-        Err(_) => Err("graph library panicked while reading the dump".to_string()),
     }
+    let shape = Shape {
+        dimension,
+        max_connections: params.max_connections,
+        ef_construction: params.ef_construction,
+    };
+    let hnsw = Hnsw::from_files(shape, graph, vectors, spare)?;
+    Ok(Graph { hnsw })
 }

@@ -29,6 +29,7 @@
 mod collection;
 mod error;
 mod graph;
+mod hnsw;
 mod search;
 mod slots;
 mod store;
