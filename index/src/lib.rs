@@ -1,4 +1,13 @@
-//! Durable vector index: an HNSW graph (hnsw_rs) over items stored in sled.
+//! Durable vector index: an HNSW graph over items stored in sled.
+//!
+//! The graph is our own HNSW implementation (module `hnsw`): vectors in one contiguous
+//! array, base-level neighbour lists as fixed-capacity `u32` arrays in one allocation, a
+//! generation-stamped visited array reused per thread, and inner-product kernels picked at
+//! run time (AVX-512, AVX2+FMA or portable). It replaced a general-purpose graph library
+//! whose pointer-per-node and pointer-per-neighbour layout made builds 7 times and searches
+//! 7 to 10 times slower than hnswlib and used 7 KB per 256-d vector; measured against
+//! hnswlib on the same data, this graph builds and searches at the same rate and recall (see
+//! the crate README for the tables).
 //!
 //! sled is the source of truth. Every write batch is applied atomically, bumps the
 //! collection's write epoch and is flushed before it is acknowledged. The graph is a cache
