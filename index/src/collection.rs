@@ -132,14 +132,19 @@ impl Collection {
         let epoch = store.epoch()?;
         let next_slot = store.next_slot()?;
 
-        let slots = SlotTable::default();
-        let postings = Postings::default();
-        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
-        let loaded = load_records(&store, &slots, &postings, &counts)?;
-        let next_slot = next_slot.max(loaded.max_slot.map_or(0, |s| s + 1));
-
+        let tables = Tables {
+            slots: SlotTable::default(),
+            postings: Postings::default(),
+            counts: [AtomicU64::new(0), AtomicU64::new(0)],
+        };
         let dumps = DumpDir::new(dir);
-        let (graph, origin) = initial_graph(&store, &dumps, &settings, epoch, &loaded)?;
+        let (graph, origin, max_slot) = initial_state(&store, &dumps, &settings, epoch, &tables)?;
+        let next_slot = next_slot.max(max_slot.map_or(0, |s| s + 1));
+        let Tables {
+            slots,
+            postings,
+            counts,
+        } = tables;
         tracing::debug!(?origin, kernel = graph.kernel(), "graph ready");
         let dirty = origin == GraphOrigin::Rebuilt;
         let dumped = if origin == GraphOrigin::Reloaded {
@@ -278,59 +283,76 @@ fn kind_index(kind: ItemKind) -> usize {
     }
 }
 
-fn load_records(
-    store: &Store,
-    slots: &SlotTable,
-    postings: &Postings,
-    counts: &[AtomicU64; 2],
-) -> Result<Loaded> {
+/// The in-memory tables an open fills: slot table, metadata postings, counts by kind.
+struct Tables {
+    slots: SlotTable,
+    postings: Postings,
+    counts: [AtomicU64; 2],
+}
+
+impl Tables {
+    fn add(&self, slot: u64, info: SlotInfo) {
+        self.postings.add(slot, &info.metadata);
+        self.counts[kind_index(info.kind)].fetch_add(1, Ordering::Relaxed);
+        self.slots.publish(slot, info);
+    }
+}
+
+/// Scans every record in the store into the tables.
+fn load_records(store: &Store, tables: &Tables) -> Result<Loaded> {
     let mut live = Vec::new();
     let mut max_slot = None;
     for entry in store.records() {
         let (id, record) = entry?;
-        postings.add(record.slot, &record.metadata);
-        counts[kind_index(record.kind)].fetch_add(1, Ordering::Relaxed);
         let info = SlotInfo {
             id: id.clone(),
             kind: record.kind,
             metadata: record.metadata,
         };
-        slots.publish(record.slot, info);
+        tables.add(record.slot, info);
         max_slot = max_slot.max(Some(record.slot));
         live.push((record.slot, id));
     }
     Ok(Loaded { live, max_slot })
 }
 
-fn initial_graph(
+/// Fills the tables and returns the graph, where it came from and the highest live slot.
+///
+/// A dump that reflects `epoch` carries the live items of that epoch, which are exactly the
+/// store's records, so the tables are filled from it without scanning the store. Otherwise
+/// the records are scanned and the graph is rebuilt from the stored vectors.
+fn initial_state(
     store: &Store,
     dumps: &DumpDir,
     settings: &Settings,
     epoch: u64,
-    loaded: &Loaded,
-) -> Result<(Graph, GraphOrigin)> {
-    if loaded.live.is_empty() {
-        return Ok((
-            Graph::new(&settings.hnsw, settings.dimension, 0),
-            GraphOrigin::Empty,
-        ));
-    }
+    tables: &Tables,
+) -> Result<(Graph, GraphOrigin, Option<u64>)> {
     match dumps.load(epoch, settings.dimension, &settings.hnsw) {
-        Ok(graph) if graph.len() >= loaded.live.len() => {
-            return Ok((graph, GraphOrigin::Reloaded));
+        Ok((graph, items)) if !items.is_empty() && graph.len() >= items.len() => {
+            let max_slot = items.iter().map(|(slot, _)| *slot).max();
+            for (slot, info) in items {
+                tables.add(slot, info);
+            }
+            return Ok((graph, GraphOrigin::Reloaded, max_slot));
         }
-        Ok(graph) => {
-            tracing::warn!(
-                points = graph.len(),
-                "graph dump smaller than the collection"
-            )
-        }
+        Ok((graph, items)) => tracing::info!(
+            points = graph.len(),
+            items = items.len(),
+            "graph dump has no items or fewer points than items"
+        ),
         Err(reason) => tracing::info!(%reason, "rebuilding the graph"),
     }
 
-    let mut graph = Graph::new(&settings.hnsw, settings.dimension, loaded.live.len());
-    build_into(store, &mut graph, settings.dimension, &loaded.live)?;
-    Ok((graph, GraphOrigin::Rebuilt))
+    let loaded = load_records(store, tables)?;
+    let dimension = settings.dimension;
+    if loaded.live.is_empty() {
+        let graph = Graph::new(&settings.hnsw, dimension, 0);
+        return Ok((graph, GraphOrigin::Empty, loaded.max_slot));
+    }
+    let mut graph = Graph::new(&settings.hnsw, dimension, loaded.live.len());
+    build_into(store, &mut graph, dimension, &loaded.live)?;
+    Ok((graph, GraphOrigin::Rebuilt, loaded.max_slot))
 }
 
 /// Reads the vectors of `live` items from the store and inserts them, chunk by chunk. An
@@ -594,7 +616,10 @@ impl Inner {
             return Ok(());
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        self.dumps.write(&graph, epoch, &self.settings.hnsw)?;
+        let view = self.slots.view();
+        let items: Vec<(u64, &SlotInfo)> = view.iter_live().collect();
+        self.dumps
+            .write(&graph, &items, epoch, &self.settings.hnsw)?;
         self.dumped_epoch.store(epoch, Ordering::Release);
         self.dirty.store(false, Ordering::Release);
         Ok(())

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::hnsw::{Accept, GraphFile, Hnsw, Shape, VectorFile};
+use crate::slots::SlotInfo;
 use crate::types::HnswParams;
 
 /// Directory holding graph dumps inside the collection directory.
@@ -94,6 +95,7 @@ struct Manifest {
     epoch: u64,
     basename: String,
     points: usize,
+    items: usize,
     dimension: usize,
     max_connections: usize,
     ef_construction: usize,
@@ -136,13 +138,19 @@ fn sync_file(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-/// The two dump files for a basename: links and levels, then slots and vectors.
-fn dump_files(basename: &str) -> [String; 2] {
+/// The three dump files for a basename: links and levels, slots and vectors, then the
+/// live items (slot, id, kind, metadata) the graph's epoch had, so that a reload need not
+/// scan the store.
+fn dump_files(basename: &str) -> [String; 3] {
     [
         format!("{basename}.hnsw.graph"),
         format!("{basename}.hnsw.data"),
+        format!("{basename}.items"),
     ]
 }
+
+/// Live items as dumped: slot and what a search needs about the item.
+pub(crate) type DumpedItems = Vec<(u64, SlotInfo)>;
 
 impl DumpDir {
     /// Dumps under `collection/graph`.
@@ -159,9 +167,15 @@ impl DumpDir {
         plain.then_some(name)
     }
 
-    /// Writes `graph`, which reflects write `epoch`, as the new current dump, then deletes
-    /// older dumps. On failure the previous dump stays current.
-    pub fn write(&self, graph: &Graph, epoch: u64, params: &HnswParams) -> Result<()> {
+    /// Writes `graph` and the live `items`, which reflect write `epoch`, as the new current
+    /// dump, then deletes older dumps. On failure the previous dump stays current.
+    pub fn write(
+        &self,
+        graph: &Graph,
+        items: &[(u64, &SlotInfo)],
+        epoch: u64,
+        params: &HnswParams,
+    ) -> Result<()> {
         fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -173,23 +187,26 @@ impl DumpDir {
         }
         fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
 
-        let [graph_file, vector_file] = dump_files(BASENAME).map(|name| dir.join(name));
+        let [graph_file, vector_file, items_file] = dump_files(BASENAME).map(|n| dir.join(n));
         graph
             .hnsw
             .write_files(&graph_file, &vector_file)
             .map_err(|e| io_error(&dir, format!("graph dump failed: {e}")))?;
+        write_items(&items_file, items)?;
         let basename = BASENAME.to_string();
 
-        let manifest = self.describe(&dir, graph, epoch, params, basename)?;
+        let manifest = self.describe(&dir, graph, items.len(), epoch, params, basename)?;
         self.publish(&dir, &name, &manifest)?;
         self.remove_stale(Some(&name));
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn describe(
         &self,
         dir: &Path,
         graph: &Graph,
+        items_len: usize,
         epoch: u64,
         params: &HnswParams,
         basename: String,
@@ -206,6 +223,7 @@ impl DumpDir {
             epoch,
             basename,
             points: graph.len(),
+            items: items_len,
             dimension: graph.hnsw.shape().dimension,
             max_connections: params.max_connections,
             ef_construction: params.ef_construction,
@@ -247,14 +265,15 @@ impl DumpDir {
         self.current_name()
     }
 
-    /// Loads the current dump if it reflects `epoch`, has `dimension` and was built with the
-    /// graph parameters of `params`, and every checksum matches; otherwise returns why not.
+    /// Loads the current dump (graph and live items) if it reflects `epoch`, has
+    /// `dimension` and was built with the graph parameters of `params`, and every checksum
+    /// matches; otherwise returns why not.
     pub fn load(
         &self,
         epoch: u64,
         dimension: usize,
         params: &HnswParams,
-    ) -> std::result::Result<Graph, String> {
+    ) -> std::result::Result<(Graph, DumpedItems), String> {
         let name = self.current_name().ok_or("no current dump")?;
         let dir = self.root.join(&name);
         let manifest = read_manifest(&dir)?;
@@ -271,15 +290,15 @@ impl DumpDir {
         }
 
         check_lengths(&dir, &manifest)?;
-        let graph = reload(&dir, &manifest, dimension, params)?;
-        if graph.len() != manifest.points {
+        let (graph, items) = reload(&dir, &manifest, dimension, params)?;
+        let found = (graph.len(), items.len());
+        if found != (manifest.points, manifest.items) {
             return Err(format!(
-                "dump holds {} points, manifest says {}",
-                graph.len(),
-                manifest.points
+                "dump holds {found:?} points and items, manifest says {:?}",
+                (manifest.points, manifest.items)
             ));
         }
-        Ok(graph)
+        Ok((graph, items))
     }
 }
 
@@ -313,27 +332,42 @@ fn check_lengths(dir: &Path, manifest: &Manifest) -> std::result::Result<(), Str
     Ok(())
 }
 
-/// Reads both files in parallel (each hashed while read), compares the checksums with the
-/// manifest and assembles the graph, with room for a quarter more nodes before the first
-/// copy.
+fn write_items(path: &Path, items: &[(u64, &SlotInfo)]) -> Result<()> {
+    let file = File::create(path).map_err(|e| io_error(path, e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    bincode::serialize_into(&mut out, items).map_err(|e| io_error(path, e))?;
+    out.flush().map_err(|e| io_error(path, e))
+}
+
+/// Reads the items file whole; returns its checksum and bytes.
+fn read_items(path: &Path) -> std::result::Result<(String, Vec<u8>), String> {
+    let bytes = fs::read(path).map_err(|e| format!("items: {e}"))?;
+    Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
+}
+
+/// Reads the three files in parallel (each hashed while read), compares the checksums
+/// with the manifest and assembles the graph, with room for a quarter more nodes before
+/// the first copy. The items are decoded only after their checksum matched.
 fn reload(
     dir: &Path,
     manifest: &Manifest,
     dimension: usize,
     params: &HnswParams,
-) -> std::result::Result<Graph, String> {
+) -> std::result::Result<(Graph, DumpedItems), String> {
     let spare = manifest.points / 4 + 1024;
-    let [graph_path, vector_path] = dump_files(&manifest.basename).map(|n| dir.join(n));
-    let (graph, vectors) = std::thread::scope(|scope| {
-        let graph = scope.spawn(|| GraphFile::read(&graph_path, spare));
-        let vectors = VectorFile::read(&vector_path, spare);
-        let graph = graph
-            .join()
-            .map_err(|_| "graph reader panicked".to_string());
-        (graph.and_then(|g| g), vectors)
+    let paths = dump_files(&manifest.basename).map(|n| dir.join(n));
+    let (graph, vectors, items) = std::thread::scope(|scope| {
+        let graph = scope.spawn(|| GraphFile::read(&paths[0], spare));
+        let items = scope.spawn(|| read_items(&paths[2]));
+        let vectors = VectorFile::read(&paths[1], spare);
+        let panicked = |what: &str| format!("{what} reader panicked");
+        let graph = graph.join().map_err(|_| panicked("graph"));
+        let items = items.join().map_err(|_| panicked("items"));
+        (graph.and_then(|g| g), vectors, items.and_then(|i| i))
     });
-    let (graph, vectors) = (graph?, vectors?);
-    for (file, sum) in manifest.files.iter().zip([&graph.blake3, &vectors.blake3]) {
+    let (graph, vectors, (items_sum, items)) = (graph?, vectors?, items?);
+    let sums = [&graph.blake3, &vectors.blake3, &items_sum];
+    for (file, sum) in manifest.files.iter().zip(sums) {
         if *sum != file.blake3 {
             return Err(format!("{} checksum mismatch", file.name));
         }
@@ -343,6 +377,7 @@ fn reload(
         max_connections: params.max_connections,
         ef_construction: params.ef_construction,
     };
+    let items = bincode::deserialize(&items).map_err(|e| format!("items: {e}"))?;
     let hnsw = Hnsw::from_files(shape, graph, vectors, spare)?;
-    Ok(Graph { hnsw })
+    Ok((Graph { hnsw }, items))
 }

@@ -264,6 +264,15 @@ fn concurrent_inserts_and_searches_stay_consistent() {
     let queries = unit_vectors(50, 13);
     let recall = recall(&graph, &vectors, &queries, 64, None);
     assert!(recall >= 0.95, "recall@10 after concurrent build {recall}");
+    let lost = (0..vectors.len()).step_by(3).filter(|&i| {
+        let found = graph.search(&vectors[i], 1, 200, None);
+        found.first().map(|h| h.0) != Some(1000 + i as u64)
+    });
+    assert_eq!(
+        lost.count(),
+        0,
+        "nodes unreachable after a concurrent build"
+    );
 }
 
 #[test]
