@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use super::cells::{atomics_from, bytes, bytes_mut, Cells, Plain};
+use super::cells::{atomics_from, bytes, bytes_mut, zeroed, Cells, Plain};
 use super::distance::Dot;
 use super::{unpack_entry, Hnsw, Shape, MAX_LEVEL};
 
@@ -128,7 +128,7 @@ impl<R: Read> Read for Hashing<R> {
 
 impl<R: Read> Hashing<R> {
     fn array<T: Plain + Default>(&mut self, len: usize, spare: usize) -> Result<Vec<T>, String> {
-        let mut values = vec![T::default(); len + spare];
+        let mut values = zeroed::<T>(len + spare);
         self.read_exact(bytes_mut(&mut values[..len]))
             .map_err(|e| format!("short file: {e}"))?;
         Ok(values)

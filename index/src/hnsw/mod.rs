@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use cells::{zeroed_atomics, Cells};
+use cells::{zeroed, zeroed_atomics, Cells};
 use distance::Dot;
 
 pub(crate) use io::{GraphFile, VectorFile};
@@ -97,7 +97,7 @@ impl Hnsw {
             shape,
             capacity,
             len: AtomicUsize::new(0),
-            vectors: Cells::from_vec(vec![0f32; capacity * shape.dimension]),
+            vectors: Cells::from_vec(zeroed(capacity * shape.dimension)),
             slots: Cells::from_vec(vec![0u64; capacity]),
             levels: Cells::from_vec(vec![0u8; capacity]),
             upper: Cells::from_vec((0..capacity).map(|_| None).collect()),
