@@ -84,7 +84,7 @@ pub(crate) fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 /// Hints the CPU to start loading `data` into the cache; `lines` cache lines of 64 bytes at
 /// most, never past the end of the slice. A no-op on other architectures.
 #[inline]
-pub(crate) fn prefetch(data: &[f32], lines: usize) {
+pub(crate) fn prefetch<T>(data: &[T], lines: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

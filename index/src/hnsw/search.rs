@@ -197,6 +197,9 @@ impl Hnsw {
                     continue;
                 }
                 context.candidates.push(Reverse(Scored { dist, node }));
+                if let Some(Reverse(next)) = context.candidates.peek() {
+                    prefetch(self.links(next.node, level), 1);
+                }
                 if accepted(node) {
                     context.results.push(Scored { dist, node });
                     if context.results.len() > ef {
