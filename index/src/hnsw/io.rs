@@ -30,6 +30,8 @@ const HEADER_WORDS: usize = 11;
 const HEADER_BYTES: usize = 8 + HEADER_WORDS * 4;
 /// Bytes written per call.
 const WRITE_CHUNK: usize = 1 << 20;
+/// Bytes read per call: small enough that the hash reads them back from the cache.
+const READ_CHUNK: usize = 4 << 20;
 
 /// Header fields shared by both files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,8 +131,10 @@ impl<R: Read> Read for Hashing<R> {
 impl<R: Read> Hashing<R> {
     fn array<T: Plain + Default>(&mut self, len: usize, spare: usize) -> Result<Vec<T>, String> {
         let mut values = zeroed::<T>(len + spare);
-        self.read_exact(bytes_mut(&mut values[..len]))
-            .map_err(|e| format!("short file: {e}"))?;
+        for chunk in bytes_mut(&mut values[..len]).chunks_mut(READ_CHUNK) {
+            self.read_exact(chunk)
+                .map_err(|e| format!("short file: {e}"))?;
+        }
         Ok(values)
     }
 
