@@ -193,26 +193,25 @@ impl DumpDir {
             .write_files(&graph_file, &vector_file)
             .map_err(|e| io_error(&dir, format!("graph dump failed: {e}")))?;
         write_items(&items_file, items)?;
-        let basename = BASENAME.to_string();
 
-        let manifest = self.describe(&dir, graph, items.len(), epoch, params, basename)?;
+        let manifest = self.describe(&dir, graph, items.len(), epoch, params)?;
         self.publish(&dir, &name, &manifest)?;
         self.remove_stale(Some(&name));
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Syncs and checksums the files of a dump written under [`BASENAME`] and describes
+    /// the dump.
     fn describe(
         &self,
         dir: &Path,
         graph: &Graph,
-        items_len: usize,
+        items: usize,
         epoch: u64,
         params: &HnswParams,
-        basename: String,
     ) -> Result<Manifest> {
         let mut files = Vec::new();
-        for name in dump_files(&basename) {
+        for name in dump_files(BASENAME) {
             let path = dir.join(&name);
             sync_file(&path).map_err(|e| io_error(&path, e))?;
             let (len, blake3) = checksum(&path).map_err(|e| io_error(&path, e))?;
@@ -221,9 +220,9 @@ impl DumpDir {
         Ok(Manifest {
             format: DUMP_FORMAT,
             epoch,
-            basename,
+            basename: BASENAME.to_string(),
             points: graph.len(),
-            items: items_len,
+            items,
             dimension: graph.hnsw.shape().dimension,
             max_connections: params.max_connections,
             ef_construction: params.ef_construction,
