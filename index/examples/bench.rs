@@ -1,8 +1,13 @@
-//! Benchmark of the index against hnswlib on the same random unit vectors.
+//! Benchmark of the index against hnswlib on the same unit vectors.
 //!
 //! Run through `index/scripts/bench.sh`, which prepares a Python environment with hnswlib.
 //! Each phase of our index runs in a fresh process (this binary re-executed) so that memory
 //! and reopen time are measured from a cold start. Prints one table at the end.
+//!
+//! Two kinds of data (`--data`): `uniform` draws every component uniformly, the hardest case
+//! for any graph index; `clustered` draws from a mixture of Gaussians around a few hundred
+//! centres in a low-rank subspace plus a little full-rank noise, closer to real embeddings
+//! whose intrinsic dimension is far below 256.
 
 use std::collections::HashSet;
 use std::fs;
@@ -34,6 +39,7 @@ struct Options {
     python: Option<PathBuf>,
     phase: Option<String>,
     size: usize,
+    data: String,
 }
 
 fn parse_list(value: &str) -> Vec<usize> {
@@ -48,13 +54,14 @@ fn parse_options() -> Options {
         sizes: vec![100_000],
         dim: 256,
         queries: 1_000,
-        efs: vec![16, 32, 64, 128, 256],
+        efs: vec![16, 32, 64, 128, 256, 512],
         max_connections: HnswParams::default().max_connections,
         ef_construction: HnswParams::default().ef_construction,
         work_dir: PathBuf::from(".bench-data"),
         python: None,
         phase: None,
         size: 0,
+        data: "uniform".to_string(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -70,6 +77,7 @@ fn parse_options() -> Options {
             "--python" => o.python = Some(PathBuf::from(value)),
             "--phase" => o.phase = Some(value.to_string()),
             "--size" => o.size = value.parse().unwrap_or(0),
+            "--data" => o.data = value.to_string(),
             other => eprintln!("ignoring unknown flag {other}"),
         }
     }
@@ -85,6 +93,52 @@ fn unit_vectors(count: usize, dim: usize, seed: u64) -> Vec<f32> {
         v.iter_mut().for_each(|x| *x /= norm);
     });
     out
+}
+
+/// Subspace rank, number of centres and spreads of the clustered data.
+const RANK: usize = 24;
+const CENTRES: usize = 300;
+const SPREAD: f32 = 0.35;
+const NOISE: f32 = 0.04;
+
+fn gaussian(rng: &mut StdRng) -> f32 {
+    let u: f32 = rng.gen_range(f32::EPSILON..1.0);
+    let v: f32 = rng.gen_range(0.0..1.0);
+    (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+}
+
+/// Vectors from a mixture of Gaussians around `CENTRES` centres in a random rank-`RANK`
+/// subspace, plus isotropic noise, normalised. The subspace and centres depend only on the
+/// dimension, so data and queries share them; `seed` picks the samples.
+fn clustered_vectors(count: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let basis: Vec<f32> = (0..RANK * dim).map(|_| gaussian(&mut rng)).collect();
+    let centres: Vec<f32> = (0..CENTRES * RANK).map(|_| gaussian(&mut rng)).collect();
+    let mut out = vec![0f32; count * dim];
+    out.par_chunks_mut(dim).enumerate().for_each(|(i, v)| {
+        let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let centre = rng.gen_range(0..CENTRES);
+        for r in 0..RANK {
+            let coordinate = centres[centre * RANK + r] + SPREAD * gaussian(&mut rng);
+            let axis = &basis[r * dim..(r + 1) * dim];
+            v.iter_mut()
+                .zip(axis)
+                .for_each(|(x, a)| *x += coordinate * a);
+        }
+        let scale = (RANK as f32).sqrt() * 1.2;
+        v.iter_mut()
+            .for_each(|x| *x += NOISE * scale * gaussian(&mut rng));
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+    });
+    out
+}
+
+fn vectors_of(o: &Options, count: usize, seed: u64) -> Vec<f32> {
+    match o.data.as_str() {
+        "clustered" => clustered_vectors(count, o.dim, seed),
+        _ => unit_vectors(count, o.dim, seed),
+    }
 }
 
 fn write_f32(path: &Path, data: &[f32]) {
@@ -122,7 +176,7 @@ fn ground_truth(data: &[f32], queries: &[f32], dim: usize) -> Vec<u32> {
 }
 
 fn size_dir(o: &Options, size: usize) -> PathBuf {
-    o.work_dir.join(format!("n{size}-d{}", o.dim))
+    o.work_dir.join(format!("{}-n{size}-d{}", o.data, o.dim))
 }
 
 /// Writes vectors, queries and ground truth for one size unless already present.
@@ -132,8 +186,8 @@ fn prepare_data(o: &Options, size: usize) {
         return;
     }
     fs::create_dir_all(&dir).expect("work dir is creatable");
-    let data = unit_vectors(size, o.dim, 1);
-    let queries = unit_vectors(o.queries, o.dim, 2);
+    let data = vectors_of(o, size, 1);
+    let queries = vectors_of(o, o.queries, 2);
     write_f32(&dir.join("vectors.f32"), &data);
     write_f32(&dir.join("queries.f32"), &queries);
     let started = Instant::now();
@@ -284,6 +338,7 @@ fn run_child(o: &Options, size: usize, phase: &str) -> Value {
         ])
         .args(["--ef-construction", &o.ef_construction.to_string()])
         .args(["--work-dir", &o.work_dir.to_string_lossy()])
+        .args(["--data", &o.data])
         .output()
         .expect("bench child runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -334,7 +389,32 @@ fn num(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
-fn print_rows(out: &mut impl Write, library: &str, size: usize, build_s: f64, query: &Value) {
+/// One-minute load average, as `/proc/loadavg` reports it.
+fn load_average() -> f64 {
+    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let first = text.split_whitespace().next();
+    first.and_then(|l| l.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// One library's measurements for one size.
+struct Row<'a> {
+    library: &'a str,
+    data: &'a str,
+    size: usize,
+    build_s: f64,
+    query: &'a Value,
+    load: f64,
+}
+
+fn print_rows(out: &mut impl Write, row: &Row<'_>) {
+    let Row {
+        library,
+        data,
+        size,
+        build_s,
+        query,
+        load,
+    } = *row;
     let throughput = size as f64 / build_s;
     let empty = Vec::new();
     let runs = query
@@ -345,8 +425,8 @@ fn print_rows(out: &mut impl Write, library: &str, size: usize, build_s: f64, qu
         let _ = writeln!(
             out,
             concat!(
-                "| {library:<11} | {size:>9} | {throughput:>10.0} | {:>4} | {:>8.0} ",
-                "| {:>9.4} | {:>9.0} | {:>8.2} |"
+                "| {library:<11} | {data:<9} | {size:>9} | {throughput:>10.0} | {:>4} ",
+                "| {:>8.0} | {:>9.4} | {:>9.0} | {:>8.2} | {load:>4.1} |"
             ),
             num(run, "ef"),
             num(run, "qps"),
@@ -354,8 +434,10 @@ fn print_rows(out: &mut impl Write, library: &str, size: usize, build_s: f64, qu
             num(query, "rss_per_vector"),
             num(query, "reopen_s"),
             library = library,
+            data = data,
             size = size,
             throughput = throughput,
+            load = load,
         );
     }
 }
@@ -374,23 +456,26 @@ fn main() {
         let build = run_child(&o, size, "build");
         let query = run_child(&o, size, "query");
         eprintln!("mplug-index n={size}: build {build} query {query}");
-        print_rows(
-            &mut table,
-            "mplug-index",
+        let row = Row {
+            library: "mplug-index",
+            data: &o.data,
             size,
-            num(&build, "build_s"),
-            &query,
-        );
+            build_s: num(&build, "build_s"),
+            query: &query,
+            load: load_average(),
+        };
+        print_rows(&mut table, &row);
         if let Some(python) = &o.python {
             let hnswlib = run_hnswlib(&o, size, python);
             eprintln!("hnswlib n={size}: {hnswlib}");
-            print_rows(
-                &mut table,
-                "hnswlib",
-                size,
-                num(&hnswlib, "build_s"),
-                &hnswlib,
-            );
+            let row = Row {
+                library: "hnswlib",
+                build_s: num(&hnswlib, "build_s"),
+                query: &hnswlib,
+                load: load_average(),
+                ..row
+            };
+            print_rows(&mut table, &row);
         }
     }
 
@@ -400,12 +485,12 @@ fn main() {
         o.max_connections, o.ef_construction, o.dim, o.queries
     );
     println!(concat!(
-        "| library     |         n |  build v/s |   ef |      QPS ",
-        "| recall@10 | RSS B/vec | reopen s |"
+        "| library     | data      |         n |  build v/s |   ef |      QPS ",
+        "| recall@10 | RSS B/vec | reopen s | load |"
     ));
     println!(concat!(
-        "|-------------|-----------|------------|------|----------",
-        "|-----------|-----------|----------|"
+        "|-------------|-----------|-----------|------------|------|----------",
+        "|-----------|-----------|----------|------|"
     ));
     print!("{}", String::from_utf8_lossy(&table));
 }

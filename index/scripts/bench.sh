@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks the index against hnswlib on the same vectors and prints one table.
-# Usage: index/scripts/bench.sh [sizes, default 100000] [extra flags for the bench binary]
+# Usage: index/scripts/bench.sh [sizes, default 100000] [extra flags for the bench binary,
+# e.g. --data uniform|clustered --efs 16,32,64 --queries 1000]
 # Creates index/.venv-bench (ignored) with hnswlib and numpy; data goes to index/.bench-data.
 set -euo pipefail
 cd "$(dirname "$0")/.."

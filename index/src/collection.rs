@@ -132,14 +132,20 @@ impl Collection {
         let epoch = store.epoch()?;
         let next_slot = store.next_slot()?;
 
-        let slots = SlotTable::default();
-        let postings = Postings::default();
-        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
-        let loaded = load_records(&store, &slots, &postings, &counts)?;
-        let next_slot = next_slot.max(loaded.max_slot.map_or(0, |s| s + 1));
-
+        let tables = Tables {
+            slots: SlotTable::default(),
+            postings: Postings::default(),
+            counts: [AtomicU64::new(0), AtomicU64::new(0)],
+        };
         let dumps = DumpDir::new(dir);
-        let (graph, origin) = initial_graph(&store, &dumps, &settings, epoch, &loaded)?;
+        let (graph, origin, max_slot) = initial_state(&store, &dumps, &settings, epoch, &tables)?;
+        let next_slot = next_slot.max(max_slot.map_or(0, |s| s + 1));
+        let Tables {
+            slots,
+            postings,
+            counts,
+        } = tables;
+        tracing::debug!(?origin, kernel = graph.kernel(), "graph ready");
         let dirty = origin == GraphOrigin::Rebuilt;
         let dumped = if origin == GraphOrigin::Reloaded {
             epoch
@@ -277,76 +283,99 @@ fn kind_index(kind: ItemKind) -> usize {
     }
 }
 
-fn load_records(
-    store: &Store,
-    slots: &SlotTable,
-    postings: &Postings,
-    counts: &[AtomicU64; 2],
-) -> Result<Loaded> {
+/// The in-memory tables an open fills: slot table, metadata postings, counts by kind.
+struct Tables {
+    slots: SlotTable,
+    postings: Postings,
+    counts: [AtomicU64; 2],
+}
+
+impl Tables {
+    fn add(&self, slot: u64, info: SlotInfo) {
+        self.postings.add(slot, &info.metadata);
+        self.counts[kind_index(info.kind)].fetch_add(1, Ordering::Relaxed);
+        self.slots.publish(slot, info);
+    }
+}
+
+/// Scans every record in the store into the tables.
+fn load_records(store: &Store, tables: &Tables) -> Result<Loaded> {
     let mut live = Vec::new();
     let mut max_slot = None;
     for entry in store.records() {
         let (id, record) = entry?;
-        postings.add(record.slot, &record.metadata);
-        counts[kind_index(record.kind)].fetch_add(1, Ordering::Relaxed);
         let info = SlotInfo {
             id: id.clone(),
             kind: record.kind,
             metadata: record.metadata,
         };
-        slots.publish(record.slot, info);
+        tables.add(record.slot, info);
         max_slot = max_slot.max(Some(record.slot));
         live.push((record.slot, id));
     }
     Ok(Loaded { live, max_slot })
 }
 
-fn initial_graph(
+/// Fills the tables and returns the graph, where it came from and the highest live slot.
+///
+/// A dump that reflects `epoch` carries the live items of that epoch, which are exactly the
+/// store's records, so the tables are filled from it without scanning the store. Otherwise
+/// the records are scanned and the graph is rebuilt from the stored vectors.
+fn initial_state(
     store: &Store,
     dumps: &DumpDir,
     settings: &Settings,
     epoch: u64,
-    loaded: &Loaded,
-) -> Result<(Graph, GraphOrigin)> {
-    if loaded.live.is_empty() {
-        return Ok((Graph::new(&settings.hnsw, 0), GraphOrigin::Empty));
-    }
+    tables: &Tables,
+) -> Result<(Graph, GraphOrigin, Option<u64>)> {
     match dumps.load(epoch, settings.dimension, &settings.hnsw) {
-        Ok(graph) if graph.len() >= loaded.live.len() => {
-            return Ok((graph, GraphOrigin::Reloaded));
+        Ok((graph, items)) if !items.is_empty() && graph.len() >= items.len() => {
+            let max_slot = items.iter().map(|(slot, _)| *slot).max();
+            for (slot, info) in items {
+                tables.add(slot, info);
+            }
+            return Ok((graph, GraphOrigin::Reloaded, max_slot));
         }
-        Ok(graph) => {
-            tracing::warn!(
-                points = graph.len(),
-                "graph dump smaller than the collection"
-            )
-        }
+        Ok((graph, items)) => tracing::info!(
+            points = graph.len(),
+            items = items.len(),
+            "graph dump has no items or fewer points than items"
+        ),
         Err(reason) => tracing::info!(%reason, "rebuilding the graph"),
     }
 
-    let graph = Graph::new(&settings.hnsw, loaded.live.len());
-    build_into(store, &graph, settings.dimension, &loaded.live)?;
-    Ok((graph, GraphOrigin::Rebuilt))
+    let loaded = load_records(store, tables)?;
+    let dimension = settings.dimension;
+    if loaded.live.is_empty() {
+        let graph = Graph::new(&settings.hnsw, dimension, 0);
+        return Ok((graph, GraphOrigin::Empty, loaded.max_slot));
+    }
+    let mut graph = Graph::new(&settings.hnsw, dimension, loaded.live.len());
+    build_into(store, &mut graph, dimension, &loaded.live)?;
+    Ok((graph, GraphOrigin::Rebuilt, loaded.max_slot))
 }
 
 /// Reads the vectors of `live` items from the store and inserts them, chunk by chunk. An
 /// item whose vector is missing or damaged is reported and skipped.
 fn build_into(
     store: &Store,
-    graph: &Graph,
+    graph: &mut Graph,
     dimension: usize,
     live: &[(u64, String)],
 ) -> Result<()> {
+    if !graph.has_room(live.len()) {
+        *graph = graph.with_room(live.len());
+    }
     for chunk in live.chunks(BUILD_CHUNK) {
         let mut vectors = Vec::with_capacity(chunk.len());
         for (slot, id) in chunk {
             match store.vector(id, dimension) {
-                Ok(Some(v)) => vectors.push((v, *slot as usize)),
+                Ok(Some(v)) => vectors.push((v, *slot)),
                 Ok(None) => tracing::error!(%id, "item has no stored vector; skipped"),
                 Err(e) => tracing::error!(error = %e, "damaged vector; item skipped"),
             }
         }
-        let refs: Vec<(&[f32], usize)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
+        let refs: Vec<(&[f32], u64)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
         graph.insert(&refs);
     }
     Ok(())
@@ -462,10 +491,14 @@ impl Inner {
             self.count(entry.info.kind).fetch_add(1, Ordering::Relaxed);
             self.slots.publish(entry.slot, entry.info.clone());
         }
-        let graph = Arc::clone(&self.graph.read());
-        let items: Vec<(&[f32], usize)> = applied
+        let mut graph = Arc::clone(&self.graph.read());
+        if !graph.has_room(applied.len()) {
+            graph = Arc::new(graph.with_room(applied.len()));
+            *self.graph.write() = Arc::clone(&graph);
+        }
+        let items: Vec<(&[f32], u64)> = applied
             .iter()
-            .map(|a| (a.vector.as_slice(), a.slot as usize))
+            .map(|a| (a.vector.as_slice(), a.slot))
             .collect();
         graph.insert(&items);
     }
@@ -554,9 +587,10 @@ impl Inner {
             .iter_live()
             .map(|(slot, info)| (slot, info.id.clone()))
             .collect();
-        let graph = Graph::new(&self.settings.hnsw, live.len());
-        build_into(&self.store, &graph, self.settings.dimension, &live)?;
-        let built: HashSet<u64> = graph.slots().into_iter().map(|s| s as u64).collect();
+        let dimension = self.settings.dimension;
+        let mut graph = Graph::new(&self.settings.hnsw, dimension, live.len());
+        build_into(&self.store, &mut graph, dimension, &live)?;
+        let built: HashSet<u64> = graph.slots().into_iter().collect();
 
         let _writer = self.writer.lock();
         let missing: Vec<(u64, String)> = self
@@ -566,7 +600,7 @@ impl Inner {
             .filter(|(slot, _)| !built.contains(slot))
             .map(|(slot, info)| (slot, info.id.clone()))
             .collect();
-        build_into(&self.store, &graph, self.settings.dimension, &missing)?;
+        build_into(&self.store, &mut graph, dimension, &missing)?;
         *self.graph.write() = Arc::new(graph);
         self.dirty.store(true, Ordering::Release);
         Ok(())
@@ -582,7 +616,10 @@ impl Inner {
             return Ok(());
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        self.dumps.write(&graph, epoch, &self.settings.hnsw)?;
+        let view = self.slots.view();
+        let items: Vec<(u64, &SlotInfo)> = view.iter_live().collect();
+        self.dumps
+            .write(&graph, &items, epoch, &self.settings.hnsw)?;
         self.dumped_epoch.store(epoch, Ordering::Release);
         self.dirty.store(false, Ordering::Release);
         Ok(())

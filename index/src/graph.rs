@@ -8,81 +8,83 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use hnsw_rs::prelude::{AnnT, FilterT, Hnsw, HnswIo};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::hnsw::{Accept, GraphFile, Hnsw, Shape, VectorFile};
+use crate::slots::SlotInfo;
 use crate::types::HnswParams;
-use crate::vector::UnitDot;
 
 /// Directory holding graph dumps inside the collection directory.
 pub(crate) const GRAPH_DIR: &str = "graph";
 const CURRENT_FILE: &str = "CURRENT";
 const MANIFEST_FILE: &str = "manifest.json";
 const BASENAME: &str = "nodes";
-const DUMP_FORMAT: u32 = 1;
-/// Layers the graph may use (the graph library's maximum).
-const MAX_LAYERS: usize = 16;
-/// Below this many vectors an insert runs on the calling thread.
-const PARALLEL_INSERT_MIN: usize = 64;
+const DUMP_FORMAT: u32 = 2;
 
-/// HNSW graph whose data ids are slot numbers.
+/// The HNSW graph of a collection; node data ids are slot numbers.
 pub(crate) struct Graph {
-    hnsw: Hnsw<'static, f32, UnitDot>,
+    hnsw: Hnsw,
 }
 
 impl Graph {
-    /// An empty graph sized for about `capacity` vectors.
-    pub fn new(params: &HnswParams, capacity: usize) -> Self {
-        let hnsw = Hnsw::new(
-            params.max_connections,
-            capacity.max(1024),
-            MAX_LAYERS,
-            params.ef_construction,
-            UnitDot,
-        );
-        Self { hnsw }
+    /// An empty graph of `dimension`-d vectors with room for `capacity` nodes.
+    pub fn new(params: &HnswParams, dimension: usize, capacity: usize) -> Self {
+        let shape = Shape {
+            dimension,
+            max_connections: params.max_connections,
+            ef_construction: params.ef_construction,
+        };
+        Self {
+            hnsw: Hnsw::new(shape, capacity),
+        }
     }
 
-    /// Adds vectors under their slots, in parallel for large batches.
-    pub fn insert(&self, items: &[(&[f32], usize)]) {
-        if items.len() < PARALLEL_INSERT_MIN {
-            for &(vector, slot) in items {
-                self.hnsw.insert_slice((vector, slot));
-            }
-        } else {
-            self.hnsw.parallel_insert_slice(&items.to_vec());
+    /// Adds vectors under their slots, in parallel for large batches. The caller makes room
+    /// first ([`Graph::has_room`]); vectors past the capacity are left out and logged.
+    pub fn insert(&self, items: &[(&[f32], u64)]) {
+        self.hnsw.insert(items);
+    }
+
+    /// True when `extra` more vectors fit.
+    pub fn has_room(&self, extra: usize) -> bool {
+        self.hnsw.has_room(extra)
+    }
+
+    /// A copy with room for at least `extra` more vectors.
+    pub fn with_room(&self, extra: usize) -> Self {
+        Self {
+            hnsw: self.hnsw.with_room(extra),
         }
     }
 
     /// Nodes in the graph, live or tombstoned.
     pub fn len(&self) -> usize {
-        self.hnsw.get_nb_point()
+        self.hnsw.len()
     }
 
-    /// Up to `count` nearest slots as `(slot, distance)`, nearest first, among those the
-    /// filter accepts.
+    /// Up to `count` nearest slots the filter accepts, as `(slot, inner product)`, nearest
+    /// first. Nodes the filter rejects are still walked through.
     pub fn search(
         &self,
         query: &[f32],
         count: usize,
         ef: usize,
-        filter: Option<&dyn FilterT>,
-    ) -> Vec<(usize, f32)> {
-        self.hnsw
-            .search_filter(query, count, ef.max(count), filter)
-            .into_iter()
-            .map(|n| (n.d_id, n.distance))
-            .collect()
+        accept: Option<Accept<'_>>,
+    ) -> Vec<(u64, f32)> {
+        self.hnsw.search(query, count, ef, accept)
     }
 
     /// Slot numbers of every node.
-    pub fn slots(&self) -> Vec<usize> {
-        let points = self.hnsw.get_point_indexation();
-        points.into_iter().map(|p| p.get_origin_id()).collect()
+    pub fn slots(&self) -> Vec<u64> {
+        self.hnsw.slots()
+    }
+
+    /// Instruction set of the inner product kernel the graph uses.
+    pub fn kernel(&self) -> &'static str {
+        self.hnsw.kernel()
     }
 }
 
@@ -93,6 +95,7 @@ struct Manifest {
     epoch: u64,
     basename: String,
     points: usize,
+    items: usize,
     dimension: usize,
     max_connections: usize,
     ef_construction: usize,
@@ -135,13 +138,19 @@ fn sync_file(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-/// The graph library's two dump files for a basename.
-fn dump_files(basename: &str) -> [String; 2] {
+/// The three dump files for a basename: links and levels, slots and vectors, then the
+/// live items (slot, id, kind, metadata) the graph's epoch had, so that a reload need not
+/// scan the store.
+fn dump_files(basename: &str) -> [String; 3] {
     [
         format!("{basename}.hnsw.graph"),
         format!("{basename}.hnsw.data"),
+        format!("{basename}.items"),
     ]
 }
+
+/// Live items as dumped: slot and what a search needs about the item.
+pub(crate) type DumpedItems = Vec<(u64, SlotInfo)>;
 
 impl DumpDir {
     /// Dumps under `collection/graph`.
@@ -158,9 +167,15 @@ impl DumpDir {
         plain.then_some(name)
     }
 
-    /// Writes `graph`, which reflects write `epoch`, as the new current dump, then deletes
-    /// older dumps. On failure the previous dump stays current.
-    pub fn write(&self, graph: &Graph, epoch: u64, params: &HnswParams) -> Result<()> {
+    /// Writes `graph` and the live `items`, which reflect write `epoch`, as the new current
+    /// dump, then deletes older dumps. On failure the previous dump stays current.
+    pub fn write(
+        &self,
+        graph: &Graph,
+        items: &[(u64, &SlotInfo)],
+        epoch: u64,
+        params: &HnswParams,
+    ) -> Result<()> {
         fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -172,29 +187,31 @@ impl DumpDir {
         }
         fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
 
-        let dumped = catch_unwind(AssertUnwindSafe(|| graph.hnsw.file_dump(&dir, BASENAME)));
-        let basename = match dumped {
-            Ok(Ok(basename)) => basename,
-            Ok(Err(e)) => return Err(io_error(&dir, format!("graph dump failed: {e}"))),
-            Err(_) => return Err(io_error(&dir, "graph dump panicked")),
-        };
+        let [graph_file, vector_file, items_file] = dump_files(BASENAME).map(|n| dir.join(n));
+        graph
+            .hnsw
+            .write_files(&graph_file, &vector_file)
+            .map_err(|e| io_error(&dir, format!("graph dump failed: {e}")))?;
+        write_items(&items_file, items)?;
 
-        let manifest = self.describe(&dir, graph, epoch, params, basename)?;
+        let manifest = self.describe(&dir, graph, items.len(), epoch, params)?;
         self.publish(&dir, &name, &manifest)?;
         self.remove_stale(Some(&name));
         Ok(())
     }
 
+    /// Syncs and checksums the files of a dump written under [`BASENAME`] and describes
+    /// the dump.
     fn describe(
         &self,
         dir: &Path,
         graph: &Graph,
+        items: usize,
         epoch: u64,
         params: &HnswParams,
-        basename: String,
     ) -> Result<Manifest> {
         let mut files = Vec::new();
-        for name in dump_files(&basename) {
+        for name in dump_files(BASENAME) {
             let path = dir.join(&name);
             sync_file(&path).map_err(|e| io_error(&path, e))?;
             let (len, blake3) = checksum(&path).map_err(|e| io_error(&path, e))?;
@@ -203,9 +220,10 @@ impl DumpDir {
         Ok(Manifest {
             format: DUMP_FORMAT,
             epoch,
-            basename,
+            basename: BASENAME.to_string(),
             points: graph.len(),
-            dimension: graph.hnsw.get_point_indexation().get_data_dimension(),
+            items,
+            dimension: graph.hnsw.shape().dimension,
             max_connections: params.max_connections,
             ef_construction: params.ef_construction,
             files,
@@ -246,14 +264,15 @@ impl DumpDir {
         self.current_name()
     }
 
-    /// Loads the current dump if it reflects `epoch`, has `dimension` and was built with the
-    /// graph parameters of `params`, and every checksum matches; otherwise returns why not.
+    /// Loads the current dump (graph and live items) if it reflects `epoch`, has
+    /// `dimension` and was built with the graph parameters of `params`, and every checksum
+    /// matches; otherwise returns why not.
     pub fn load(
         &self,
         epoch: u64,
         dimension: usize,
         params: &HnswParams,
-    ) -> std::result::Result<Graph, String> {
+    ) -> std::result::Result<(Graph, DumpedItems), String> {
         let name = self.current_name().ok_or("no current dump")?;
         let dir = self.root.join(&name);
         let manifest = read_manifest(&dir)?;
@@ -269,16 +288,16 @@ impl DumpDir {
             return Err(format!("dump was built with connections/ef {shape:?}"));
         }
 
-        verify_files(&dir, &manifest)?;
-        let graph = reload(&dir, &manifest.basename)?;
-        if graph.len() != manifest.points {
+        check_lengths(&dir, &manifest)?;
+        let (graph, items) = reload(&dir, &manifest, dimension, params)?;
+        let found = (graph.len(), items.len());
+        if found != (manifest.points, manifest.items) {
             return Err(format!(
-                "dump holds {} points, manifest says {}",
-                graph.len(),
-                manifest.points
+                "dump holds {found:?} points and items, manifest says {:?}",
+                (manifest.points, manifest.items)
             ));
         }
-        Ok(graph)
+        Ok((graph, items))
     }
 }
 
@@ -293,8 +312,8 @@ fn read_manifest(dir: &Path) -> std::result::Result<Manifest, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("manifest: {e}"))
 }
 
-/// Checks lengths first (cheap), then checksums of both files in parallel.
-fn verify_files(dir: &Path, manifest: &Manifest) -> std::result::Result<(), String> {
+/// Checks the file list and lengths against the manifest (cheap, before any read).
+fn check_lengths(dir: &Path, manifest: &Manifest) -> std::result::Result<(), String> {
     let expected = dump_files(&manifest.basename);
     let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
     if listed != expected.iter().map(String::as_str).collect::<Vec<_>>() {
@@ -309,40 +328,55 @@ fn verify_files(dir: &Path, manifest: &Manifest) -> std::result::Result<(), Stri
             ));
         }
     }
-
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = manifest
-            .files
-            .iter()
-            .map(|file| scope.spawn(move || (file, checksum(&dir.join(&file.name)))))
-            .collect();
-        for handle in handles {
-            let (file, sum) = handle.join().map_err(|_| "checksum thread panicked")?;
-            let (_, sum) = sum.map_err(|e| format!("{}: {e}", file.name))?;
-            if sum != file.blake3 {
-                return Err(format!("{} checksum mismatch", file.name));
-            }
-        }
-        Ok(())
-    })
+    Ok(())
 }
 
-/// Loads the graph files. The loader's result borrows the loader, so the loader (a few
-/// hundred bytes: a path and a name) is leaked to give the graph a static lifetime; this
-/// happens at most once per open. Panics inside the graph library are caught.
-fn reload(dir: &Path, basename: &str) -> std::result::Result<Graph, String> {
-    let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, basename)));
-    let load = move || {
-        let loader = loader;
-        loader.load_hnsw::<f32, UnitDot>()
-    };
-    let loaded = catch_unwind(AssertUnwindSafe(load));
-    match loaded {
-        Ok(Ok(mut hnsw)) => {
-            hnsw.set_extend_candidates(false);
-            Ok(Graph { hnsw })
+fn write_items(path: &Path, items: &[(u64, &SlotInfo)]) -> Result<()> {
+    let file = File::create(path).map_err(|e| io_error(path, e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    bincode::serialize_into(&mut out, items).map_err(|e| io_error(path, e))?;
+    out.flush().map_err(|e| io_error(path, e))
+}
+
+/// Reads the items file whole; returns its checksum and bytes.
+fn read_items(path: &Path) -> std::result::Result<(String, Vec<u8>), String> {
+    let bytes = fs::read(path).map_err(|e| format!("items: {e}"))?;
+    Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
+}
+
+/// Reads the three files in parallel (each hashed while read), compares the checksums
+/// with the manifest and assembles the graph, with room for a quarter more nodes before
+/// the first copy. The items are decoded only after their checksum matched.
+fn reload(
+    dir: &Path,
+    manifest: &Manifest,
+    dimension: usize,
+    params: &HnswParams,
+) -> std::result::Result<(Graph, DumpedItems), String> {
+    let spare = manifest.points / 4 + 1024;
+    let paths = dump_files(&manifest.basename).map(|n| dir.join(n));
+    let (graph, vectors, items) = std::thread::scope(|scope| {
+        let graph = scope.spawn(|| GraphFile::read(&paths[0], spare));
+        let items = scope.spawn(|| read_items(&paths[2]));
+        let vectors = VectorFile::read(&paths[1], spare);
+        let panicked = |what: &str| format!("{what} reader panicked");
+        let graph = graph.join().map_err(|_| panicked("graph"));
+        let items = items.join().map_err(|_| panicked("items"));
+        (graph.and_then(|g| g), vectors, items.and_then(|i| i))
+    });
+    let (graph, vectors, (items_sum, items)) = (graph?, vectors?, items?);
+    let sums = [&graph.blake3, &vectors.blake3, &items_sum];
+    for (file, sum) in manifest.files.iter().zip(sums) {
+        if *sum != file.blake3 {
+            return Err(format!("{} checksum mismatch", file.name));
         }
-        Ok(Err(e)) => Err(format!("graph library refused the dump: {e}")),
-        Err(_) => Err("graph library panicked while reading the dump".to_string()),
     }
+    let shape = Shape {
+        dimension,
+        max_connections: params.max_connections,
+        ef_construction: params.ef_construction,
+    };
+    let items = bincode::deserialize(&items).map_err(|e| format!("items: {e}"))?;
+    let hnsw = Hnsw::from_files(shape, graph, vectors, spare)?;
+    Ok((Graph { hnsw }, items))
 }

@@ -1,4 +1,15 @@
-//! Durable vector index: an HNSW graph (hnsw_rs) over items stored in sled.
+//! Durable vector index: an HNSW graph over items stored in sled.
+//!
+//! The graph is our own HNSW implementation (module `hnsw`): vectors in one contiguous
+//! array, base-level neighbour lists as fixed-capacity `u32` arrays in one allocation, a
+//! generation-stamped visited array reused per thread, and inner-product kernels picked at
+//! run time (AVX-512, AVX2+FMA or portable). It replaced a general-purpose graph library
+//! whose pointer-per-node and pointer-per-neighbour layout, measured against hnswlib on the
+//! same vectors, built 7 times and searched 7 to 10 times slower, used 7 KB per 256-d
+//! vector and reopened 100k items in 6 s. Measured the same way, this graph builds as fast
+//! as hnswlib or faster, reaches the same recall at the same `ef`, and answers from 40 %
+//! fewer to 75 % more queries per second than hnswlib, depending on data, size and `ef`,
+//! on a noisy shared machine (the README has the tables).
 //!
 //! sled is the source of truth. Every write batch is applied atomically, bumps the
 //! collection's write epoch and is flushed before it is acknowledged. The graph is a cache
@@ -29,6 +40,7 @@
 mod collection;
 mod error;
 mod graph;
+mod hnsw;
 mod search;
 mod slots;
 mod store;

@@ -151,27 +151,17 @@ impl Inner {
         filter: Option<&Filter>,
     ) -> Vec<(f32, u64)> {
         let graph = Arc::clone(&self.graph.read());
-        let ef = ef.max(k);
-        let accept = |slot: &usize| {
-            view.live(*slot)
+        let accept = |slot: u64| {
+            view.live(slot as usize)
                 .is_some_and(|info| filter.is_none_or(|f| f.accepts(info.kind, &info.metadata)))
         };
         let tombstones = graph.len() > self.live_count();
-
-        let mut found = match (filter, tombstones) {
-            (None, false) => graph.search(query, k, ef, None),
-            (None, true) => graph.search(query, ef, ef, None),
-            (Some(_), _) => graph.search(query, ef, ef, Some(&accept)),
-        };
-        found.retain(|(slot, _)| accept(slot));
-        if found.len() < k && filter.is_none() && tombstones {
-            found = graph.search(query, ef, ef, Some(&accept));
-            found.retain(|(slot, _)| accept(slot));
-        }
-        found.truncate(k);
-        found
+        let restricted = filter.is_some() || tombstones;
+        let accept: Option<&dyn Fn(u64) -> bool> = restricted.then_some(&accept);
+        graph
+            .search(query, k, ef.max(k), accept)
             .into_iter()
-            .map(|(slot, d)| (1.0 - d, slot as u64))
+            .map(|(slot, similarity)| (similarity, slot))
             .collect()
     }
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
 
 use crate::types::ItemKind;
 
@@ -17,7 +18,7 @@ use crate::types::ItemKind;
 const CHUNK: usize = 4096;
 
 /// What a search needs to turn a graph node into a hit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SlotInfo {
     /// Item id.
     pub id: String,

@@ -105,3 +105,61 @@ fn dump_older_than_the_last_write_is_not_reloaded() {
     assert!(!ids(&reopened, &request(&vectors[3], 5)).contains(&"3".to_string()));
     assert_eq!(ids(&reopened, &request(&vectors[4], 1)), vec!["4"]);
 }
+
+#[test]
+fn reload_restores_ids_kinds_metadata_and_slots_from_the_dump() {
+    use mplug_index::{Filter, ItemKind};
+    use std::collections::BTreeMap;
+
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = unit_vectors(400, DIM, 31);
+    let tagged = |i: usize| {
+        let mut it = item(&format!("t{i}"), vectors[i].clone());
+        it.kind = if i.is_multiple_of(2) {
+            ItemKind::Image
+        } else {
+            ItemKind::Text
+        };
+        let group = if i.is_multiple_of(4) { "four" } else { "rest" };
+        it.metadata = BTreeMap::from([("group".to_string(), group.to_string())]);
+        it
+    };
+    let collection = open(dir.path(), DIM);
+    collection.upsert((0..300).map(tagged).collect()).unwrap();
+    collection.delete("t0").unwrap();
+    collection.close().unwrap();
+
+    let collection = open(dir.path(), DIM);
+    assert_eq!(collection.graph_origin(), GraphOrigin::Reloaded);
+    let stats = collection.stats().unwrap();
+    assert_eq!((stats.images, stats.texts), (149, 150));
+    let mut wanted = request(&vectors[8], 5);
+    wanted.filter = Filter {
+        kinds: Some(vec![ItemKind::Image]),
+        metadata: BTreeMap::from([("group".to_string(), "four".to_string())]),
+    };
+    let hits = collection.search(&wanted).unwrap();
+    assert_eq!(hits[0].id, "t8");
+    assert!(hits
+        .iter()
+        .all(|h| h.kind == ItemKind::Image && h.metadata["group"] == "four"));
+    assert!(!ids(&collection, &request(&vectors[0], 5)).contains(&"t0".to_string()));
+
+    collection.upsert((300..400).map(tagged).collect()).unwrap();
+    let mut moved = tagged(5);
+    moved.vector = vectors[399].clone();
+    moved.content_hash = common::hash_of("t5", 1);
+    collection.upsert(vec![moved]).unwrap();
+    collection.close().unwrap();
+
+    let collection = open(dir.path(), DIM);
+    assert_eq!(collection.graph_origin(), GraphOrigin::Reloaded);
+    assert_eq!(
+        collection.stats().unwrap().images + collection.stats().unwrap().texts,
+        399
+    );
+    assert_eq!(ids(&collection, &request(&vectors[350], 1)), vec!["t350"]);
+    let near_399 = ids(&collection, &request(&vectors[399], 2));
+    assert!(near_399.contains(&"t5".to_string()) && near_399.contains(&"t399".to_string()));
+    assert!(!ids(&collection, &request(&vectors[5], 3)).contains(&"t5".to_string()));
+}

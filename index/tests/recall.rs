@@ -23,9 +23,9 @@ struct Fixture {
 
 /// Half of the items are "even"; one in two hundred (0.5 %) is "rare".
 fn metadata(i: usize) -> BTreeMap<String, String> {
-    let parity = if i % 2 == 0 { "even" } else { "odd" };
+    let parity = if i.is_multiple_of(2) { "even" } else { "odd" };
     let mut metadata = BTreeMap::from([("parity".to_string(), parity.to_string())]);
-    if i % 200 == 0 {
+    if i.is_multiple_of(200) {
         metadata.insert("rare".to_string(), "yes".to_string());
     }
     metadata
