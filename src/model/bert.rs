@@ -8,6 +8,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::attend;
 use super::config::{Activation, BertConfig, MaskConfig};
 use super::nn::{additive_mask, attention, causal_mask, split_heads, LayerNorm, Linear};
 
@@ -124,6 +125,9 @@ impl BertAttention {
     /// Unmasked attention from every row of `xs` (B, Lq, H) to one shared key/value source
     /// `kv` (1, Lk, W): the projection runs once and all rows' queries share one matmul.
     pub fn forward_shared(&self, xs: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        if let Some(ys) = self.forward_fused(xs, kv, None)? {
+            return Ok(ys);
+        }
         let (b, lq, h) = xs.dims3()?;
         let heads = self.heads;
         let d = h / heads;
@@ -143,8 +147,31 @@ impl BertAttention {
 
     /// `attend` with keys and values projected from `kv`.
     pub fn forward(&self, xs: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(ys) = self.forward_fused(xs, kv, mask)? {
+            return Ok(ys);
+        }
         let (k, v) = self.project_kv(kv)?;
         self.attend(xs, &k, &v, mask)
+    }
+
+    /// [`Self::forward`] on the fused attention kernel, or `None` where it does not apply
+    /// (see [`attend::fused_attention`]); `kv` may have batch 1 for every row of `xs`.
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        kv: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if self.differentiable || !attend::applies(xs, mask) {
+            return Ok(None);
+        }
+        let q = self.query.forward(xs)?;
+        let (k, v) = (self.key.forward(kv)?, self.value.forward(kv)?);
+        let Some(ctx) = attend::fused_attention(&q, &k, &v, self.heads, mask)? else {
+            return Ok(None);
+        };
+        let ys = self.dense.forward_with(&ctx, None, Some(xs))?;
+        self.norm.forward(&ys).map(Some)
     }
 
     /// Moves the four projections to the bf16 kernel (see [`Linear::pack_bf16`]).

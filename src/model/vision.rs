@@ -8,6 +8,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
+use super::attend::fused_attention;
 use super::config::{AdapterConfig, VisionConfig};
 use super::nn::{attention, split_heads, LayerNorm, Linear};
 
@@ -46,10 +47,16 @@ impl VisionAttention {
     pub fn forward_residual(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let w = xs.dim(D::Minus1)?;
         let qkv = self.in_proj.forward(xs)?;
-        let q = split_heads(&qkv.narrow(D::Minus1, 0, w)?, self.heads)?;
-        let k = split_heads(&qkv.narrow(D::Minus1, w, w)?, self.heads)?;
-        let v = split_heads(&qkv.narrow(D::Minus1, 2 * w, w)?, self.heads)?;
-        let ys = attention(&q, &k, &v, None, self.differentiable)?;
+        let q = qkv.narrow(D::Minus1, 0, w)?;
+        let k = qkv.narrow(D::Minus1, w, w)?;
+        let v = qkv.narrow(D::Minus1, 2 * w, w)?;
+        let ys = match fused_attention(&q, &k, &v, self.heads, None)? {
+            Some(ys) => ys,
+            None => {
+                let [q, k, v] = [q, k, v].map(|t| split_heads(&t, self.heads));
+                attention(&q?, &k?, &v?, None, self.differentiable)?
+            }
+        };
         self.out_proj.forward_with(&ys, None, residual)
     }
 
