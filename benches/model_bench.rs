@@ -260,6 +260,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn main() {
+    mplug_search::model::alloc::keep_freed_memory();
     let args = parse_args();
     let cfg = base_config();
     let weights = random_weights(&cfg);

@@ -6,6 +6,7 @@
 //! from any [`VarBuilder`] with [`Mplug::new`] (with `cfg.differentiable` set, every forward
 //! uses ops with a backward pass).
 
+pub mod alloc;
 pub mod attend;
 pub mod bert;
 pub mod bf16;
