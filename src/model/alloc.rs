@@ -2,10 +2,10 @@
 //! allocator (the `mplug-search` binary and the model bench).
 //!
 //! A forward pass allocates and frees buffers of tens of MB per op. By default mimalloc
-//! returns freed memory to the OS about a second after it is freed, so the next op faults the pages back in and
-//! the kernel zeroes them again (2 MiB at a time with transparent huge pages); on the
-//! reference machine that zeroing took a large share of the CPU time. Keeping freed memory
-//! reserved avoids it, at the cost of a resident size that stays at its peak.
+//! returns freed memory to the OS about a second after it is freed, so later ops fault the
+//! pages back in and the kernel zeroes them again (2 MiB at a time with transparent huge
+//! pages); on the reference machine that zeroing took a large share of the CPU time. Keeping
+//! freed memory reserved avoids it, at the cost of a resident size that stays at its peak.
 
 #![expect(
     unsafe_code,
