@@ -177,9 +177,12 @@ pub struct Mplug {
 
 impl Mplug {
     /// Loads a checkpoint (`.pth`, `.bin` or `.safetensors`, by content) with its JSON config.
+    /// On the CPU, `DType::BF16` keeps activations in f32 and runs every linear layer on the
+    /// packed bf16 kernel (see [`Self::pack_bf16`]); `DType::F16` is refused.
     /// Errors: [`Error::Io`]/[`Error::Config`] for the config, [`Error::Checkpoint`] for an
     /// unreadable file, [`Error::MissingTensor`]/[`Error::TensorShape`] naming the tensor, the
-    /// expected shape and the file.
+    /// expected shape and the file, [`Error::UnsupportedDtype`] for a dtype the device cannot
+    /// run (bf16 on a CPU without avx512_bf16, f16 on any CPU).
     pub fn load(
         checkpoint: &Path,
         config: &Path,
