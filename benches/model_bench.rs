@@ -1,9 +1,11 @@
 //! Model throughput at mPLUG-base shape (ViT-B/16 @ 384, BERT-base fusion) on random weights:
-//! vision encoder images/s at batch 1 and 8, and ITM rerank of 16 candidates, in f32 and bf16.
-//! Prints a table. With `--out DIR` it also writes the weights and inputs it used, plus its
-//! outputs and timings, so `scripts/bench-model.sh` can run PyTorch on the same weights.
+//! vision encoder images/s at batch 1 and 8, and ITM rerank of 16 candidates, in f32 and (on
+//! CPUs with AVX512-BF16) bf16 linear weights. Prints a table with the matmul FLOP rate and its
+//! share of the machine's f32 peak. With `--out DIR` it also writes the weights and inputs it
+//! used, plus its outputs and timings, so `scripts/bench-model.sh` can run PyTorch on the same
+//! weights.
 //!
-//! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N]`.
+//! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N] [--peak GFLOPS]`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,26 +13,40 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use mplug_search::model::{LoadSource, Mplug, MplugConfig, Tasks};
+use mplug_search::model::{bf16, LoadSource, Mplug, MplugConfig, Tasks};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CANDIDATES: usize = 16;
 const TEXT_LEN: usize = 30;
 
+/// f32 peak of the reference machine: 2 Zen 4 cores × 32 FLOP/cycle × 2.6 GHz.
+const DEFAULT_PEAK_GFLOPS: f64 = 166.0;
+
 struct Args {
     out: Option<PathBuf>,
     iters: usize,
+    peak: f64,
 }
 
 fn parse_args() -> Args {
     let mut args = Args {
         out: None,
         iters: 3,
+        peak: DEFAULT_PEAK_GFLOPS,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => args.out = it.next().map(PathBuf::from),
             "--iters" => args.iters = it.next().and_then(|s| s.parse().ok()).unwrap_or(3),
+            "--peak" => {
+                args.peak = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(DEFAULT_PEAK_GFLOPS)
+            }
             _ => {}
         }
     }
@@ -99,13 +115,42 @@ fn time<T>(iters: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     (best, out)
 }
 
-/// Multiply-add FLOPs of the vision tower for one image.
+/// Matmul FLOPs (2 per multiply-add) of the vision tower for one image.
 fn vision_flops(cfg: &MplugConfig) -> f64 {
     let (w, l) = (cfg.vision.width as f64, cfg.vision.num_tokens() as f64);
     let p = cfg.vision.patch_size as f64;
     let patch = 2.0 * (l - 1.0) * 3.0 * p * p * w;
     let per_layer = 2.0 * l * 12.0 * w * w + 4.0 * l * l * w;
     patch + cfg.vision.layers as f64 * per_layer
+}
+
+/// Matmul FLOPs of one ITM rerank of `CANDIDATES` texts against one image, following the
+/// fusion schedule: image keys/values are projected once until a connected layer.
+fn rerank_flops(cfg: &MplugConfig) -> f64 {
+    let b = CANDIDATES as f64;
+    let (lt, lv) = (TEXT_LEN as f64, cfg.vision.num_tokens() as f64);
+    let (h, f) = (
+        cfg.text.hidden_size as f64,
+        cfg.text.intermediate_size as f64,
+    );
+    let linear = |rows: f64, i: f64, o: f64| 2.0 * rows * i * o;
+    let attend = |rows: f64, keys: f64| 4.0 * rows * keys * h;
+    let ffn = |rows: f64| linear(rows, h, f) + linear(rows, f, h);
+    let mut shared = true;
+    let mut total = 0.0;
+    for k in 0..cfg.fusion.fusion_layers {
+        if cfg.fusion.is_connected(k) {
+            shared = false;
+            let rows = b * (lv + lt);
+            total += 4.0 * linear(rows, h, h) + attend(rows, lv + lt) + ffn(rows);
+        } else {
+            let image_rows = if shared { lv } else { b * lv };
+            total += 6.0 * linear(b * lt, h, h) + attend(b * lt, lt) + attend(b * lt, lv);
+            total += 2.0 * linear(image_rows, h, h);
+            total += ffn(b * lt);
+        }
+    }
+    total + linear(b, h, 2.0)
 }
 
 struct Inputs {
@@ -131,17 +176,29 @@ struct Row {
     name: String,
     seconds: f64,
     per_second: f64,
-    gflops: f64,
+    flops: f64,
 }
 
-fn run(
-    model: &Mplug,
-    inp: &Inputs,
-    dtype: DType,
-    iters: usize,
-    flops: f64,
-) -> (Vec<Row>, Tensor, Tensor) {
-    let label = format!("{dtype:?}").to_lowercase();
+impl Row {
+    fn gflops(&self) -> f64 {
+        self.flops / self.seconds / 1e9
+    }
+}
+
+/// FLOPs per call of each case.
+struct Flops {
+    image: f64,
+    rerank: f64,
+}
+
+/// What one precision produced: timings, ITC image embeddings of image 0, ITM logits.
+struct Outcome {
+    rows: Vec<Row>,
+    embeds: Tensor,
+    itm: Tensor,
+}
+
+fn run(model: &Mplug, inp: &Inputs, label: &str, iters: usize, flops: &Flops) -> Outcome {
     let mut rows = Vec::new();
     let mut v1 = None;
     for batch in [1usize, 8] {
@@ -152,70 +209,97 @@ fn run(
             name: format!("vision b{batch} {label}"),
             seconds: s,
             per_second: batch as f64 / s,
-            gflops: flops * batch as f64 / s / 1e9,
+            flops: flops.image * batch as f64,
         });
         v1.get_or_insert(v);
     }
     let v = v1.expect("vision ran");
-    let embeds = model
-        .image_embeds(&v)
-        .expect("itc")
-        .to_dtype(DType::F32)
-        .expect("f32");
-    let t = inp.t.to_dtype(dtype).expect("dtype");
-    let (s, logits) = time(iters, || {
-        let (_, tf) = model.fuse(&t, &inp.t_mask, &v).expect("fusion");
+    let embeds = model.image_embeds(&v).expect("itc");
+    let (s, itm) = time(iters, || {
+        let (_, tf) = model.fuse(&inp.t, &inp.t_mask, &v).expect("fusion");
         model.itm_logits(&tf).expect("itm")
     });
+    println!("itm rerank x{CANDIDATES} {label}: {:.1} ms", s * 1e3);
     rows.push(Row {
         name: format!("itm rerank x{CANDIDATES} {label}"),
         seconds: s,
         per_second: 1.0 / s,
-        gflops: 0.0,
+        flops: flops.rerank,
     });
-    (rows, embeds, logits.to_dtype(DType::F32).expect("f32"))
+    Outcome { rows, embeds, itm }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn print_table(rows: &[Row], f32_rows: &[Row], peak: f64) {
+    println!(
+        "{:<26} {:>10} {:>10} {:>9} {:>7} {:>8}",
+        "case", "ms", "items/s", "GFLOP/s", "% peak", "vs f32"
+    );
+    for (r, base) in rows.iter().zip(f32_rows.iter().cycle()) {
+        println!(
+            "{:<26} {:>10.1} {:>10.3} {:>9.1} {:>7.1} {:>7.2}x",
+            r.name,
+            r.seconds * 1e3,
+            r.per_second,
+            r.gflops(),
+            100.0 * r.gflops() / peak,
+            base.seconds / r.seconds
+        );
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("same shapes")
 }
 
 fn main() {
+    mplug_search::model::alloc::keep_freed_memory();
     let args = parse_args();
     let cfg = base_config();
     let weights = random_weights(&cfg);
     let inp = inputs();
-    let flops = vision_flops(&cfg);
+    let flops = Flops {
+        image: vision_flops(&cfg),
+        rerank: rerank_flops(&cfg),
+    };
     println!(
-        "threads: {}, vision GFLOP/image: {:.1}",
+        "threads: {}, GFLOP per image {:.1}, per rerank {:.1}, f32 peak {:.0} GFLOP/s",
         rayon::current_num_threads(),
-        flops / 1e9
+        flops.image / 1e9,
+        flops.rerank / 1e9,
+        args.peak
     );
+    println!("load average before: {}", load_average());
 
     let f32_model = build(&cfg, &weights, DType::F32);
-    let (rows, emb32, itm32) = run(&f32_model, &inp, DType::F32, args.iters, flops);
-
-    println!(
-        "{:<26} {:>10} {:>12} {:>9}",
-        "case", "ms", "items/s", "GFLOP/s"
-    );
-    for r in &rows {
-        let g = if r.gflops > 0.0 {
-            format!("{:.1}", r.gflops)
-        } else {
-            "-".into()
-        };
+    let full = run(&f32_model, &inp, "f32", args.iters, &flops);
+    drop(f32_model);
+    let mut rows = full.rows;
+    let f32_len = rows.len();
+    if bf16::available() {
+        let bf16_model = build(&cfg, &weights, DType::BF16);
+        let half = run(&bf16_model, &inp, "bf16", args.iters, &flops);
         println!(
-            "{:<26} {:>10.1} {:>12.3} {:>9}",
-            r.name,
-            r.seconds * 1e3,
-            r.per_second,
-            g
+            "bf16 vs f32: ITC image embeddings max|diff| {:.2e}, ITM logits max|diff| {:.2e}",
+            max_diff(&half.embeds, &full.embeds),
+            max_diff(&half.itm, &full.itm)
         );
+        rows.extend(half.rows);
+    } else {
+        println!("bf16: not run (this CPU has no avx512_bf16)");
     }
-    // TODO(bf16-cpu): time a bf16 path once the CPU backend has a half-precision matmul. Its
-    // f16 matmul is no substitute: without AVX512-FP16 the gemm crate widens f16 operands to
-    // f32 while packing and runs the f32 kernels, so it cannot beat f32.
-    println!("bf16: not run (candle 0.9.2 CPU backend has no bf16 matmul)");
+    println!("load average after: {}", load_average());
+    print_table(&rows, &rows[..f32_len], args.peak);
 
     if let Some(dir) = args.out {
-        write_outputs(&dir, &weights, &inp, &emb32, &itm32, &rows);
+        write_outputs(&dir, &weights, &inp, &full.embeds, &full.itm, &rows);
     }
 }
 
@@ -247,7 +331,7 @@ fn write_outputs(
                 "case": r.name,
                 "seconds": r.seconds,
                 "per_second": r.per_second,
-                "gflops": r.gflops,
+                "flops": r.flops,
             })
         })
         .collect();

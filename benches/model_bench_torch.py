@@ -186,19 +186,33 @@ def main():
 
     emb_diff = (results["f32"][0] - io["image_embeds"]).abs().max().item()
     itm_diff = (results["f32"][1] - io["itm_logits"]).abs().max().item()
-    ours = {r["case"]: r for r in candle}
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'case':<24} {'torch ms':>10} {'candle ms':>10} {'torch/s':>9} {'candle/s':>9} "
-          f"{'ratio':>6} {'torch GF/s':>10} {'candle GF/s':>11}")
-    for name, s, per_s, gf in rows:
-        c = ours.get(name)
-        cs = c["seconds"] if c else float("nan")
-        cps = c["per_second"] if c else float("nan")
-        cgf = c["gflops"] if c else float("nan")
-        print(f"{name:<24} {s * 1e3:>10.1f} {cs * 1e3:>10.1f} {per_s:>9.3f} {cps:>9.3f} "
-              f"{cps / per_s:>6.2f} {gf:>10.1f} {cgf:>11.1f}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {load_average()}")
+    print_table(rows, {r["case"]: r for r in candle})
     print(f"candle vs torch f32: image_embeds max|diff| {emb_diff:.2e}, "
           f"itm_logits max|diff| {itm_diff:.2e}")
+
+
+def load_average():
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def print_table(rows, ours):
+    """One line per case: torch f32/bf16 and ours f32/bf16 in ms, then throughput ratios
+    (ours f32 / torch f32, ours bf16 / torch f32, ours bf16 / ours f32, ours bf16 / torch
+    bf16) and our matmul GFLOP/s."""
+    torch_s = {name: s for name, s, _, _ in rows}
+    nan = {"seconds": float("nan"), "flops": float("nan")}
+    print(f"{'case':<16} {'torch f32':>9} {'torch bf16':>10} {'ours f32':>9} {'ours bf16':>9} "
+          f"{'f32/torch':>9} {'bf16/torch f32':>14} {'bf16/f32':>8} {'bf16/torch bf16':>15} "
+          f"{'GF/s f32':>8} {'GF/s bf16':>9}")
+    for case in ("vision b1", "vision b8", "itm rerank x16"):
+        tf, tb = torch_s[f"{case} f32"], torch_s[f"{case} bf16"]
+        of, ob = ours.get(f"{case} f32", nan), ours.get(f"{case} bf16", nan)
+        sf, sb = of["seconds"], ob["seconds"]
+        print(f"{case:<16} {tf * 1e3:>9.1f} {tb * 1e3:>10.1f} {sf * 1e3:>9.1f} {sb * 1e3:>9.1f} "
+              f"{tf / sf:>8.2f}x {tf / sb:>13.2f}x {sf / sb:>7.2f}x {tb / sb:>14.2f}x "
+              f"{of['flops'] / sf / 1e9:>8.1f} {ob['flops'] / sb / 1e9:>9.1f}")
 
 
 if __name__ == "__main__":

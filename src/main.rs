@@ -18,10 +18,16 @@ use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+/// mimalloc, told to keep freed pages (see `model::alloc`), so the model's large per-op
+/// buffers do not page-fault on every forward pass.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// File extensions `index` picks up.
 const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "gif"];
 
 fn main() -> anyhow::Result<()> {
+    mplug_search::model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?;

@@ -8,8 +8,9 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::attend;
 use super::config::{Activation, BertConfig, MaskConfig};
-use super::nn::{activate, additive_mask, attention, causal_mask, split_heads, LayerNorm, Linear};
+use super::nn::{additive_mask, attention, causal_mask, split_heads, LayerNorm, Linear};
 
 const EMBEDDING_INIT: Init = Init::Randn {
     mean: 0.0,
@@ -117,12 +118,16 @@ impl BertAttention {
     ) -> Result<Tensor> {
         let q = split_heads(&self.query.forward(xs)?, self.heads)?;
         let ctx = attention(&q, k, v, mask, self.differentiable)?;
-        self.norm.forward(&(self.dense.forward(&ctx)? + xs)?)
+        self.norm
+            .forward(&self.dense.forward_with(&ctx, None, Some(xs))?)
     }
 
     /// Unmasked attention from every row of `xs` (B, Lq, H) to one shared key/value source
     /// `kv` (1, Lk, W): the projection runs once and all rows' queries share one matmul.
     pub fn forward_shared(&self, xs: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        if let Some(ys) = self.forward_fused(xs, kv, None)? {
+            return Ok(ys);
+        }
         let (b, lq, h) = xs.dims3()?;
         let heads = self.heads;
         let d = h / heads;
@@ -136,13 +141,50 @@ impl BertAttention {
             .unsqueeze(0)?;
         let ctx = attention(&q, &k, &v, None, self.differentiable)?;
         let ctx = ctx.reshape((b, lq, h))?;
-        self.norm.forward(&(self.dense.forward(&ctx)? + xs)?)
+        self.norm
+            .forward(&self.dense.forward_with(&ctx, None, Some(xs))?)
     }
 
     /// `attend` with keys and values projected from `kv`.
     pub fn forward(&self, xs: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(ys) = self.forward_fused(xs, kv, mask)? {
+            return Ok(ys);
+        }
         let (k, v) = self.project_kv(kv)?;
         self.attend(xs, &k, &v, mask)
+    }
+
+    /// [`Self::forward`] on the fused attention kernel, or `None` where it does not apply
+    /// (see [`attend::fused_attention`]); `kv` may have batch 1 for every row of `xs`.
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        kv: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if self.differentiable || !attend::applies(xs, mask) {
+            return Ok(None);
+        }
+        let q = self.query.forward(xs)?;
+        let (k, v) = (self.key.forward(kv)?, self.value.forward(kv)?);
+        let Some(ctx) = attend::fused_attention(&q, &k, &v, self.heads, mask)? else {
+            return Ok(None);
+        };
+        let ys = self.dense.forward_with(&ctx, None, Some(xs))?;
+        self.norm.forward(&ys).map(Some)
+    }
+
+    /// Moves the four projections to the bf16 kernel (see [`Linear::pack_bf16`]).
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        for linear in [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.dense,
+        ] {
+            linear.pack_bf16()?;
+        }
+        Ok(())
     }
 }
 
@@ -173,8 +215,15 @@ impl BertFeedForward {
 
     /// (B, L, H) → (B, L, H).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = activate(&self.intermediate.forward(xs)?, self.act)?;
-        self.norm.forward(&(self.output.forward(&h)? + xs)?)
+        let h = self.intermediate.forward_with(xs, Some(self.act), None)?;
+        self.norm
+            .forward(&self.output.forward_with(&h, None, Some(xs))?)
+    }
+
+    /// Moves both projections to the bf16 kernel (see [`Linear::pack_bf16`]).
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.intermediate.pack_bf16()?;
+        self.output.pack_bf16()
     }
 }
 
@@ -209,6 +258,15 @@ impl BertLayer {
             crossattention,
             ffn: BertFeedForward::new(cfg, differentiable, vb)?,
         })
+    }
+
+    /// Moves every linear layer of the layer to the bf16 kernel.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.attention.pack_bf16()?;
+        if let Some(cross) = &mut self.crossattention {
+            cross.pack_bf16()?;
+        }
+        self.ffn.pack_bf16()
     }
 }
 
@@ -246,6 +304,11 @@ impl TextEncoder {
             layers,
             masks: masks.clone(),
         })
+    }
+
+    /// Moves every layer's linear layers to the bf16 kernel; embeddings stay f32.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(BertLayer::pack_bf16)
     }
 
     /// The embedding output (B, L, H), before any layer.
@@ -300,8 +363,14 @@ impl LmHead {
 
     /// (B, L, H) → (B, L, vocab) logits.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = activate(&self.dense.forward(xs)?, self.act)?;
+        let xs = self.dense.forward_with(xs, Some(self.act), None)?;
         self.decoder.forward(&self.norm.forward(&xs)?)
+    }
+
+    /// Moves the transform and the tied output projection to the bf16 kernel.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.dense.pack_bf16()?;
+        self.decoder.pack_bf16()
     }
 }
 
@@ -385,6 +454,12 @@ impl TextDecoder {
             head: LmHead::new(cfg, tied, differentiable, vb.pp("cls"))?,
             masks: masks.clone(),
         })
+    }
+
+    /// Moves every linear layer and the LM head to the bf16 kernel; embeddings stay f32.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(BertLayer::pack_bf16)?;
+        self.head.pack_bf16()
     }
 
     /// Teacher-forced logits (B, L, vocab) for ids (B, L) with 0/1 mask, attending to

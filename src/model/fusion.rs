@@ -58,6 +58,11 @@ impl Fusion {
         })
     }
 
+    /// Moves every live layer's linear layers to the bf16 kernel.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(BertLayer::pack_bf16)
+    }
+
     /// Number of live layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

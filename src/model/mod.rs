@@ -6,7 +6,10 @@
 //! from any [`VarBuilder`] with [`Mplug::new`] (with `cfg.differentiable` set, every forward
 //! uses ops with a backward pass).
 
+pub mod alloc;
+pub mod attend;
 pub mod bert;
+pub mod bf16;
 pub mod checkpoint;
 pub mod config;
 pub mod fusion;
@@ -44,19 +47,45 @@ pub struct LoadSource<'a> {
     pub path: &'a Path,
 }
 
-/// Rejects half-precision compute on the CPU, where candle has no bf16/f16 matmul.
-// TODO(bf16-cpu): add a bf16 path on CPU (AVX512-BF16/AMX GEMM); candle 0.9.2's CPU backend
-// has no half-precision matmul, so half types are only accepted on accelerators.
-fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
-    let half = matches!(dtype, DType::BF16 | DType::F16);
-    if half && device.is_cpu() {
-        return Err(Error::UnsupportedDtype {
-            dtype: format!("{dtype:?}").to_lowercase(),
-            device: "cpu".into(),
-            reason: "the CPU backend has no half-precision matmul; use f32".into(),
+/// How a requested dtype is realised on a device.
+#[derive(Debug, Clone, Copy)]
+struct Precision {
+    /// The dtype tensors are loaded and activations computed in.
+    load: DType,
+    /// Whether linear layers then move to the packed bf16 kernel.
+    pack_bf16: bool,
+}
+
+/// Chooses the [`Precision`] for `dtype` on `device`. On the CPU, bf16 means bf16 linear
+/// weights with f32 activations (the AVX512-BF16 kernel in [`bf16`]); it is refused when the
+/// CPU lacks those instructions, and f16 is refused (no f16 kernel: without AVX512-FP16 it
+/// could not beat f32). Other devices compute in `dtype` throughout.
+fn precision(device: &Device, dtype: DType) -> Result<Precision> {
+    let refuse = |reason: &str| Error::UnsupportedDtype {
+        dtype: format!("{dtype:?}").to_lowercase(),
+        device: "cpu".into(),
+        reason: reason.into(),
+    };
+    if !device.is_cpu() {
+        return Ok(Precision {
+            load: dtype,
+            pack_bf16: false,
         });
     }
-    Ok(())
+    match dtype {
+        DType::BF16 if bf16::available() => Ok(Precision {
+            load: DType::F32,
+            pack_bf16: true,
+        }),
+        DType::BF16 => Err(refuse(
+            "this CPU lacks the avx512_bf16 instructions the bf16 kernel needs; use f32",
+        )),
+        DType::F16 => Err(refuse("the CPU backend has no f16 kernel; use bf16 or f32")),
+        _ => Ok(Precision {
+            load: dtype,
+            pack_bf16: false,
+        }),
+    }
 }
 
 /// When the config asks for a resolution whose grid differs from the checkpoint's position
@@ -148,9 +177,12 @@ pub struct Mplug {
 
 impl Mplug {
     /// Loads a checkpoint (`.pth`, `.bin` or `.safetensors`, by content) with its JSON config.
+    /// On the CPU, `DType::BF16` keeps activations in f32 and runs every linear layer on the
+    /// packed bf16 kernel (see [`Self::pack_bf16`]); `DType::F16` is refused.
     /// Errors: [`Error::Io`]/[`Error::Config`] for the config, [`Error::Checkpoint`] for an
     /// unreadable file, [`Error::MissingTensor`]/[`Error::TensorShape`] naming the tensor, the
-    /// expected shape and the file.
+    /// expected shape and the file, [`Error::UnsupportedDtype`] for a dtype the device cannot
+    /// run (bf16 on a CPU without avx512_bf16, f16 on any CPU).
     pub fn load(
         checkpoint: &Path,
         config: &Path,
@@ -169,7 +201,7 @@ impl Mplug {
         device: &Device,
         dtype: DType,
     ) -> Result<(Self, LoadReport)> {
-        check_dtype(device, dtype)?;
+        precision(device, dtype)?;
         let cfg = MplugConfig::from_file(config)?;
         let (tensors, skipped) = read_tensors(checkpoint, |name| !is_ignored_always(name))?;
         let source = LoadSource {
@@ -191,11 +223,14 @@ impl Mplug {
     ) -> Result<(Self, LoadReport)> {
         let mut source = source;
         adapt_positions(&cfg, &mut source.tensors)?;
-        check_dtype(device, dtype)?;
+        let precision = precision(device, dtype)?;
         cfg.resolve_from(&source.tensors, source.path)?;
         let names: Vec<String> = source.tensors.keys().cloned().collect();
         let backend = TrackingBackend::new(Arc::new(source.tensors), source.path);
-        let model = Self::from_backend(&cfg, tasks, &backend, device, dtype)?;
+        let mut model = Self::from_backend(&cfg, tasks, &backend, device, precision.load)?;
+        if precision.pack_bf16 {
+            model.pack_bf16()?;
+        }
 
         let mut report = LoadReport {
             consumed: backend.consumed(),
@@ -279,6 +314,40 @@ impl Mplug {
             decoder,
             dtype: vb.dtype(),
         })
+    }
+
+    /// Moves every linear layer (not embeddings, the patch embedding or attention products)
+    /// to the packed bf16 kernel: weights rounded to bf16 once, activations stay f32 and
+    /// are rounded per call, sums accumulate in f32. [`Self::load`] does this for
+    /// `DType::BF16` on the CPU. Errors with [`Error::UnsupportedDtype`] when the CPU lacks
+    /// avx512_bf16 or the model is not f32 on the CPU.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        if !bf16::available() || !self.vision.is_cpu_f32() {
+            return Err(Error::UnsupportedDtype {
+                dtype: "bf16".into(),
+                device: "cpu".into(),
+                reason: "the bf16 kernel needs an f32 CPU model and avx512_bf16".into(),
+            });
+        }
+        self.vision.pack_bf16()?;
+        if let Some(a) = &mut self.adapter {
+            a.pack_bf16()?;
+        }
+        if let Some(t) = &mut self.text {
+            t.pack_bf16()?;
+        }
+        if let Some(f) = &mut self.fusion {
+            f.pack_bf16()?;
+        }
+        if let Some(h) = &mut self.heads {
+            for linear in [&mut h.vision_proj, &mut h.text_proj, &mut h.itm_head] {
+                linear.pack_bf16()?;
+            }
+        }
+        if let Some(d) = &mut self.decoder {
+            d.pack_bf16()?;
+        }
+        Ok(())
     }
 
     /// The resolved configuration (shapes filled in).

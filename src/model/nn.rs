@@ -6,10 +6,16 @@
 //! p = 0.1 in BERT layers); add it behind the same switch when the trainer needs it.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, Layout, Module, Result, Shape,
+    Tensor, D,
+};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+use super::bf16::{Epilogue, PackedBf16};
 use super::config::Activation;
 
 /// Initialisation used when a [`VarBuilder`] creates fresh variables (training from scratch).
@@ -19,10 +25,14 @@ pub const WEIGHT_INIT: Init = Init::Randn {
 };
 
 /// `y = x Wᵀ + b` over the last dimension of an input of any rank.
+///
+/// After [`Linear::pack_bf16`] the weight is held as packed bf16 and inputs are rounded to
+/// bf16 per call (f32 accumulation, f32 in and out); see [`super::bf16`].
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    packed: Option<Arc<PackedBf16>>,
 }
 
 impl Linear {
@@ -34,29 +44,270 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::from_tensors(weight, bias))
     }
 
     /// Builds the layer from tensors already at hand.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            packed: None,
+        }
+    }
+
+    /// Switches the layer to the bf16 kernel: rounds the weight to bf16 once and packs it.
+    /// The f32 weight is kept (tied weights share it). Errors when the weight is not an f32
+    /// CPU tensor; the caller checks [`super::bf16::available`] first.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        if in_dim == 0 || out_dim == 0 {
+            return Ok(());
+        }
+        let weight = self
+            .weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let packed = PackedBf16::pack(&weight, out_dim, in_dim, bias);
+        self.packed = Some(Arc::new(packed));
+        Ok(())
+    }
+
+    /// `act(x Wᵀ + b) + residual` with the bias, activation and residual applied in one pass
+    /// over the output where possible (untracked f32 CPU tensors); otherwise composed of
+    /// differentiable ops. `residual` has the output's shape.
+    pub fn forward_with(
+        &self,
+        xs: &Tensor,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_dim.max(1);
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        let flat = xs.reshape((rows, in_dim))?;
+        let residual = residual.map(|r| r.reshape((rows, out[last]))).transpose()?;
+        let ys = match &self.packed {
+            Some(p) => bf16_linear(p, &flat, act, residual.as_ref())?,
+            None => self.f32_linear(&flat, act, residual.as_ref())?,
+        };
+        ys.reshape(out)
+    }
+
+    fn f32_linear(
+        &self,
+        xs: &Tensor,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let ys = xs.matmul(&self.weight.t()?)?;
+        let fusable = ys.device().is_cpu() && ys.dtype() == DType::F32 && !ys.track_op();
+        let bias_fusable = self.bias.as_ref().is_none_or(|b| !b.track_op());
+        if fusable && bias_fusable && residual.is_none_or(|r| !r.track_op()) {
+            let bias = match &self.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let op = BiasActivation { bias, act };
+            match residual {
+                Some(r) => ys.inplace_op2(&r.to_dtype(DType::F32)?.contiguous()?, &op)?,
+                None => ys.inplace_op1(&op)?,
+            }
+            return Ok(ys);
+        }
+        let ys = match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        let ys = match act {
+            Some(act) => activate(&ys, act)?,
+            None => ys,
+        };
+        match residual {
+            Some(r) => ys + r,
+            None => Ok(ys),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = xs.elem_count() / in_dim.max(1);
-        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let ys = match &self.bias {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
+        self.forward_with(xs, None, None)
+    }
+}
+
+/// Runs the bf16 kernel on (rows, in) f32 `xs`, with an optional (rows, out) residual.
+fn bf16_linear(
+    packed: &Arc<PackedBf16>,
+    xs: &Tensor,
+    act: Option<Activation>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let op = Bf16Linear {
+        packed: packed.clone(),
+        act,
+    };
+    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+    match residual {
+        Some(r) => xs.apply_op2_no_bwd(&r.to_dtype(DType::F32)?.contiguous()?, &op),
+        None => xs.apply_op1_no_bwd(&op),
+    }
+}
+
+/// Contiguous f32 CPU data of a tensor's storage, or an error naming `op`.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &'static str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        return Err(candle_core::Error::UnsupportedDTypeForOp(
+            storage.dtype(),
+            op,
+        ));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(candle_core::Error::RequiresContiguous { op });
+    };
+    Ok(&data[start..end])
+}
+
+/// The packed bf16 matmul as a candle op on (rows, in) inputs; the second operand, when
+/// present, is the residual.
+struct Bf16Linear {
+    packed: Arc<PackedBf16>,
+    act: Option<Activation>,
+}
+
+impl Bf16Linear {
+    fn run(&self, xs: &[f32], residual: Option<&[f32]>, rows: usize) -> Result<CpuStorage> {
+        let (n, k) = (self.packed.out_dim(), self.packed.in_dim());
+        if xs.len() != rows * k || residual.is_some_and(|r| r.len() != rows * n) {
+            return Err(candle_core::Error::Msg(format!(
+                "bf16 linear expects ({rows}, {k}) inputs and ({rows}, {n}) residuals"
+            )));
+        }
+        let epilogue = Epilogue {
+            act: self.act,
+            residual,
         };
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = self.weight.dim(0)?;
-        ys.reshape(out)
+        let ys = super::bf16::matmul(xs, rows, &self.packed, epilogue);
+        Ok(CpuStorage::F32(ys))
+    }
+}
+
+impl CustomOp1 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_slice(storage, layout, "bf16-linear")?;
+        let rows = layout.dims()[0];
+        let shape = Shape::from((rows, self.packed.out_dim()));
+        Ok((self.run(xs, None, rows)?, shape))
+    }
+}
+
+impl CustomOp2 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "bf16-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_slice(s1, l1, "bf16-linear-residual")?;
+        let residual = f32_slice(s2, l2, "bf16-linear-residual")?;
+        let rows = l1.dims()[0];
+        let shape = Shape::from((rows, self.packed.out_dim()));
+        Ok((self.run(xs, Some(residual), rows)?, shape))
+    }
+}
+
+/// In place on a fresh (rows, out) f32 matmul output: `act(y + bias)`, then `+ residual`
+/// when run as the two-operand op. Same per-element arithmetic as the composed ops.
+struct BiasActivation {
+    bias: Option<Vec<f32>>,
+    act: Option<Activation>,
+}
+
+impl BiasActivation {
+    fn apply(&self, ys: &mut [f32], residual: Option<&[f32]>, width: usize) {
+        let rows = ys.par_chunks_mut(width).enumerate();
+        rows.for_each(|(i, row)| {
+            if let Some(b) = &self.bias {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+            if let Some(act) = self.act {
+                row.iter_mut().for_each(|y| *y = activation_value(act, *y));
+            }
+            if let Some(r) = residual {
+                let r = &r[i * width..][..width];
+                row.iter_mut().zip(r).for_each(|(y, r)| *y += r);
+            }
+        });
+    }
+}
+
+/// Mutable contiguous f32 data of a fresh matmul output.
+fn f32_slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        return Err(candle_core::Error::UnsupportedDTypeForOp(
+            storage.dtype(),
+            "bias-act",
+        ));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(candle_core::Error::RequiresContiguous { op: "bias-act" });
+    };
+    Ok(&mut data[start..end])
+}
+
+impl InplaceOp1 for BiasActivation {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let width = layout.dims()[layout.dims().len() - 1].max(1);
+        self.apply(f32_slice_mut(storage, layout)?, None, width);
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for BiasActivation {
+    fn name(&self) -> &'static str {
+        "bias-act-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let width = l1.dims()[l1.dims().len() - 1].max(1);
+        let residual = f32_slice(s2, l2, "bias-act-residual")?;
+        let ys = f32_slice_mut(s1, l1)?;
+        if residual.len() != ys.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "residual of {} values for an output of {}",
+                residual.len(),
+                ys.len()
+            )));
+        }
+        self.apply(ys, Some(residual), width);
+        Ok(())
     }
 }
 
@@ -127,16 +378,13 @@ const ACTIVATION_CHUNK: usize = 16 * 1024;
 /// without a backward pass.
 struct FusedActivation(Activation);
 
-impl FusedActivation {
-    fn apply(&self, v: f32) -> f32 {
-        match self.0 {
-            Activation::Gelu => {
-                (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
-                    * 0.5
-                    * v
-            }
-            Activation::QuickGelu => v * ((-(v * 1.702f32)).exp() + 1.0).recip(),
+/// One element of an [`Activation`], with the arithmetic of the composed candle ops.
+pub(crate) fn activation_value(act: Activation, v: f32) -> f32 {
+    match act {
+        Activation::Gelu => {
+            (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
         }
+        Activation::QuickGelu => v * ((-(v * 1.702f32)).exp() + 1.0).recip(),
     }
 }
 
@@ -163,7 +411,7 @@ impl CustomOp1 for FusedActivation {
             .zip(src.par_chunks(ACTIVATION_CHUNK))
             .for_each(|(d, s)| {
                 for (d, &s) in d.iter_mut().zip(s) {
-                    *d = self.apply(s);
+                    *d = activation_value(self.0, s);
                 }
             });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))

@@ -8,8 +8,9 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
+use super::attend::fused_attention;
 use super::config::{AdapterConfig, VisionConfig};
-use super::nn::{activate, attention, split_heads, LayerNorm, Linear};
+use super::nn::{attention, split_heads, LayerNorm, Linear};
 
 /// Multi-head self-attention with packed q/k/v (`nn.MultiheadAttention` layout).
 ///
@@ -39,13 +40,30 @@ impl VisionAttention {
 
     /// (B, L, W) → (B, L, W), no mask.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_residual(xs, None)
+    }
+
+    /// [`Self::forward`] with `residual` (B, L, W) added to the output projection.
+    pub fn forward_residual(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let w = xs.dim(D::Minus1)?;
         let qkv = self.in_proj.forward(xs)?;
-        let q = split_heads(&qkv.narrow(D::Minus1, 0, w)?, self.heads)?;
-        let k = split_heads(&qkv.narrow(D::Minus1, w, w)?, self.heads)?;
-        let v = split_heads(&qkv.narrow(D::Minus1, 2 * w, w)?, self.heads)?;
-        let ys = attention(&q, &k, &v, None, self.differentiable)?;
-        self.out_proj.forward(&ys)
+        let q = qkv.narrow(D::Minus1, 0, w)?;
+        let k = qkv.narrow(D::Minus1, w, w)?;
+        let v = qkv.narrow(D::Minus1, 2 * w, w)?;
+        let ys = match fused_attention(&q, &k, &v, self.heads, None)? {
+            Some(ys) => ys,
+            None => {
+                let [q, k, v] = [q, k, v].map(|t| split_heads(&t, self.heads));
+                attention(&q?, &k?, &v?, None, self.differentiable)?
+            }
+        };
+        self.out_proj.forward_with(&ys, None, residual)
+    }
+
+    /// Moves both projections to the bf16 kernel (see [`Linear::pack_bf16`]).
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.in_proj.pack_bf16()?;
+        self.out_proj.pack_bf16()
     }
 }
 
@@ -79,10 +97,21 @@ impl VisionBlock {
 
     /// (B, L, W) → (B, L, W).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.ln_1.forward(xs)?)?)?;
-        let h = self.c_fc.forward(&self.ln_2.forward(&xs)?)?;
-        let h = activate(&h, self.cfg.hidden_act)?;
-        xs + self.c_proj.forward(&h)?
+        let xs = self
+            .attn
+            .forward_residual(&self.ln_1.forward(xs)?, Some(xs))?;
+        let act = Some(self.cfg.hidden_act);
+        let h = self
+            .c_fc
+            .forward_with(&self.ln_2.forward(&xs)?, act, None)?;
+        self.c_proj.forward_with(&h, None, Some(&xs))
+    }
+
+    /// Moves the block's linear layers to the bf16 kernel (see [`Linear::pack_bf16`]).
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.attn.pack_bf16()?;
+        self.c_fc.pack_bf16()?;
+        self.c_proj.pack_bf16()
     }
 }
 
@@ -156,6 +185,16 @@ impl VisionTransformer {
         self.ln_pre.forward(&xs)
     }
 
+    /// Whether the weights are f32 tensors on the CPU.
+    pub fn is_cpu_f32(&self) -> bool {
+        self.patch_weight.device().is_cpu() && self.patch_weight.dtype() == candle_core::DType::F32
+    }
+
+    /// Moves every block's linear layers to the bf16 kernel; the patch embedding stays f32.
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.blocks.iter_mut().try_for_each(VisionBlock::pack_bf16)
+    }
+
     /// (B, 3, R, R) pixels → (B, L, W) tokens after `ln_post`.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let mut xs = self.embed(pixels)?;
@@ -199,6 +238,11 @@ impl VisionAdapter {
     /// (B, L, Wv) → (B, L, Wt).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.norm.forward(&self.fc.forward(xs)?)
+    }
+
+    /// Moves the projection to the bf16 kernel (see [`Linear::pack_bf16`]).
+    pub fn pack_bf16(&mut self) -> Result<()> {
+        self.fc.pack_bf16()
     }
 }
 
