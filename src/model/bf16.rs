@@ -252,10 +252,6 @@ unsafe fn write_tile(tile: &[f32], span: &Span, w: &PackedBf16, ep: &Epilogue, d
 }
 
 #[cfg(target_arch = "x86_64")]
-#[expect(
-    clippy::incompatible_msrv,
-    reason = "the AVX-512 intrinsics need Rust 1.89; the declared MSRV predates this module"
-)]
 mod x86 {
     use std::arch::x86_64::*;
 

@@ -130,7 +130,7 @@ impl FusionConfig {
 
     /// Whether live layer `k` (local index) is a connected-attention layer.
     pub fn is_connected(&self, k: usize) -> bool {
-        self.stride_layer != 0 && k != 0 && k % self.stride_layer == 0
+        self.stride_layer != 0 && k != 0 && k.is_multiple_of(self.stride_layer)
     }
 }
 
@@ -423,7 +423,7 @@ fn set_derived(field: &mut usize, derived: usize, name: &str, path: &Path) -> Re
 /// Errors with [`Error::Config`] unless `heads` splits a known `width` evenly (a width of 0
 /// means the module is not loaded).
 fn check_heads(width: usize, heads: usize, module: &str, path: &Path) -> Result<()> {
-    if width == 0 || (heads > 0 && width % heads == 0) {
+    if width == 0 || (heads > 0 && width.is_multiple_of(heads)) {
         return Ok(());
     }
     Err(Error::Config {

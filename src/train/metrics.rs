@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn precision_counts_short_rankings_as_misses() {
-        let relevant = |i: usize| i % 2 == 0;
+        let relevant = |i: usize| i.is_multiple_of(2);
         assert_eq!(precision_at_k(&[0, 2, 1, 4], 4, relevant), 0.75);
         assert_eq!(precision_at_k(&[0, 2], 4, relevant), 0.5);
         assert_eq!(precision_at_k(&[0], 0, relevant), 0.0);

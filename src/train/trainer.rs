@@ -342,7 +342,9 @@ impl Trainer {
                 let values = self.step(dataset, pixels, chunk)?;
                 history.push(values);
                 report_progress(&progress, step, &history);
-                if self.args.checkpoint_every > 0 && (step + 1) % self.args.checkpoint_every == 0 {
+                if self.args.checkpoint_every > 0
+                    && (step + 1).is_multiple_of(self.args.checkpoint_every)
+                {
                     self.save(&self.args.out)?;
                 }
             }
@@ -566,7 +568,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 fn report_progress(bar: &ProgressBar, step: usize, history: &[[f32; 4]]) {
     let [itc, itm, cap, vqa] = recent_mean(history, 20);
     let message = format!("itc {itc:.3} itm {itm:.3} cap {cap:.3} vqa {vqa:.3}");
-    if bar.is_hidden() && (step + 1) % 50 == 0 {
+    if bar.is_hidden() && (step + 1).is_multiple_of(50) {
         eprintln!("step {} {message}", step + 1);
     }
     bar.set_message(message);
