@@ -40,6 +40,7 @@ fn model() -> ModelSource {
         config,
         tasks: Tasks::ALL,
         max_pixels: 64 << 20,
+        precision: Default::default(),
     }
 }
 

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use mplug_search::engine::{parity_model_paths, Backend, ModelSource, MplugBackend, Precision};
 use mplug_search::model::{bf16, Mplug, Tasks};
+use mplug_search::Error;
 
 /// Largest allowed |bf16 − f32| on an L2-normalised ITC embedding.
 const ITC_TOL: f32 = 1e-2;
@@ -69,12 +71,56 @@ fn compare(cfg: &str) {
     );
 }
 
+/// On a CPU without AVX512-BF16, asking for bf16 is refused with a clear error.
+fn assert_refused() {
+    let ckpt = fixture("tiny_base.safetensors");
+    let config = fixture("tiny_base.mplug.json");
+    let refused = Mplug::load(&ckpt, &config, Tasks::ALL, &Device::Cpu, DType::BF16);
+    let error = refused
+        .err()
+        .expect("bf16 refused without the instructions");
+    assert!(matches!(error, Error::UnsupportedDtype { .. }), "{error}");
+}
+
 #[test]
 fn bf16_itc_embeddings_stay_within_1e_2_of_f32() {
     if !bf16::available() {
-        eprintln!("skipped: this CPU has no avx512_bf16");
+        assert_refused();
         return;
     }
     compare("tiny_base");
     compare("tiny_large");
+}
+
+#[test]
+fn the_service_backend_encodes_in_bf16_close_to_f32() {
+    let (checkpoint, config) = parity_model_paths(Path::new(env!("CARGO_MANIFEST_DIR")));
+    let source = |precision| ModelSource {
+        checkpoint: checkpoint.clone(),
+        config: config.clone(),
+        tasks: Tasks::ALL,
+        max_pixels: 1 << 20,
+        precision,
+    };
+    if !bf16::available() {
+        let refused = MplugBackend::load(&source(Precision::Bf16));
+        assert!(matches!(refused, Err(Error::UnsupportedDtype { .. })));
+        return;
+    }
+    let f32_backend = MplugBackend::load(&source(Precision::F32)).expect("f32 loads");
+    let bf16_backend = MplugBackend::load(&source(Precision::Bf16)).expect("bf16 loads");
+    let texts = vec!["a red circle".to_string(), "two blue squares".to_string()];
+    let want = f32_backend.encode_texts(&texts).expect("f32 encodes");
+    let got = bf16_backend.encode_texts(&texts).expect("bf16 encodes");
+    for (w, g) in want.iter().zip(&got) {
+        let diff = w
+            .iter()
+            .zip(g)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff <= ITC_TOL && diff > 0.0,
+            "bf16 text embedding differs by {diff}"
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::engine::{EngineConfig, ModelSource};
+use crate::engine::{EngineConfig, ModelSource, Precision};
 use crate::model::Tasks;
 use crate::server::auth::ApiKey;
 use crate::server::{Limits, ServerSettings, TlsFiles};
@@ -83,8 +83,18 @@ pub struct ModelArgs {
     pub model_config: Option<PathBuf>,
 
     /// Largest image accepted, in pixels (width × height), checked before decoding.
-    #[arg(long, env = "MPLUG_SEARCH_MAX_PIXELS", default_value_t = 64 << 20)]
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_MAX_PIXELS",
+        default_value_t = 64 << 20,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub max_pixels: u64,
+
+    /// Arithmetic of the linear layers: `f32` (reference accuracy) or `bf16` (faster; needs
+    /// a CPU with AVX512-BF16, refused at load otherwise).
+    #[arg(long, env = "MPLUG_SEARCH_PRECISION", value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 impl ModelArgs {
@@ -103,6 +113,7 @@ impl ModelArgs {
             config,
             tasks: Tasks::ALL,
             max_pixels: self.max_pixels,
+            precision: self.precision,
         })
     }
 }

@@ -30,7 +30,7 @@ pub use backend::{
     VisionTokens,
 };
 pub use cache::{CacheStats, ContentHash, FeatureCache};
-pub use mplug::{parity_model_paths, ModelSource, MplugBackend};
+pub use mplug::{parity_model_paths, ModelSource, MplugBackend, Precision};
 use queue::{BatchLimits, Call, EncodeJob, HeavyTask, QueueCounters};
 
 use crate::{Error, Result};

@@ -724,6 +724,7 @@ mod tests {
             config,
             tasks: Tasks::ALL,
             max_pixels: 1 << 20,
+            precision: Default::default(),
         };
         let backend = MplugBackend::load(&source).expect("parity model loads");
         let settings = Settings {

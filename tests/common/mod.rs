@@ -33,6 +33,7 @@ pub fn settings(data_dir: &Path, api_key: Option<&str>) -> ServerSettings {
             config,
             tasks: Tasks::ALL,
             max_pixels: 4096 * 4096,
+            precision: Default::default(),
         },
         engine: EngineConfig::default(),
         hnsw: Default::default(),
