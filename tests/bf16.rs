@@ -76,9 +76,9 @@ fn assert_refused() {
     let ckpt = fixture("tiny_base.safetensors");
     let config = fixture("tiny_base.mplug.json");
     let refused = Mplug::load(&ckpt, &config, Tasks::ALL, &Device::Cpu, DType::BF16);
-    let error = refused
-        .err()
-        .expect("bf16 refused without the instructions");
+    let Err(error) = refused else {
+        panic!("bf16 must be refused without the instructions");
+    };
     assert!(matches!(error, Error::UnsupportedDtype { .. }), "{error}");
 }
 
