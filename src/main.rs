@@ -49,7 +49,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(command))
+    runtime.block_on(run(command)).map_err(readable_status)
+}
+
+/// A gRPC error as its code and message, without the transport's metadata dump.
+fn readable_status(error: anyhow::Error) -> anyhow::Error {
+    match error.downcast::<tonic::Status>() {
+        Ok(status) => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
+        Err(error) => error,
+    }
 }
 
 /// Trains a checkpoint and prints a one-line summary.
@@ -309,9 +317,10 @@ fn stats_json(stats: &proto::StatsResponse) -> serde_json::Value {
     })
 }
 
-/// Image files under `dir`, sorted, with their ids (relative paths with `/`).
-fn image_files(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
-    let mut files = Vec::new();
+/// Image files under `dir`, sorted, with their ids (relative paths with `/`), and the number
+/// of entries that could not be read (each reported on stderr).
+fn image_files(dir: &Path) -> (Vec<(std::path::PathBuf, String)>, u64) {
+    let (mut files, mut unreadable) = (Vec::new(), 0);
     for entry in walkdir::WalkDir::new(dir)
         .follow_links(true)
         .sort_by_file_name()
@@ -320,6 +329,7 @@ fn image_files(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
             Ok(entry) => entry,
             Err(error) => {
                 eprintln!("{}: {error}", error.path().unwrap_or(dir).display());
+                unreadable += 1;
                 continue;
             }
         };
@@ -341,15 +351,17 @@ fn image_files(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
             .collect();
         files.push((entry.path().to_owned(), id.join("/")));
     }
-    files
+    (files, unreadable)
 }
 
 async fn index(args: IndexArgs) -> anyhow::Result<()> {
-    if !args.dir.is_dir() {
+    let metadata = std::fs::metadata(&args.dir);
+    let metadata = metadata.with_context(|| format!("{}", args.dir.display()))?;
+    if !metadata.is_dir() {
         bail!("{}: not a directory", args.dir.display());
     }
     let max_bytes = args.max_file_mib << 20;
-    let files = image_files(&args.dir);
+    let (files, unreadable) = image_files(&args.dir);
     let progress = ProgressBar::new(files.len() as u64);
     let style = ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
         .context("invalid progress template")?;
@@ -421,7 +433,7 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
     .await?;
 
     let unread = reader.await.context("file reader failed")?;
-    let failed = unread + rejected.load(std::sync::atomic::Ordering::Relaxed);
+    let failed = unreadable + unread + rejected.load(std::sync::atomic::Ordering::Relaxed);
     if failed > 0 {
         bail!("{failed} files were not indexed (reasons above); the others are stored");
     }

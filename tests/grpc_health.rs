@@ -62,9 +62,16 @@ async fn reflection_lists_the_service_and_metrics_count_requests() {
     with_metrics.metrics_listen = Some(([127, 0, 0, 1], metrics_port).into());
     let server = serve(with_metrics).await;
 
-    assert!(reflected_services(server.addr)
-        .await
-        .contains(&SERVICE.to_string()));
+    let services = reflected_services(server.addr).await;
+    assert!(services.contains(&SERVICE.to_string()), "{services:?}");
+    assert!(
+        services.contains(&"grpc.health.v1.Health".to_string()),
+        "{services:?}"
+    );
+    assert!(
+        lists_services_v1alpha(server.addr).await,
+        "v1alpha reflection answers"
+    );
     let mut client = client(server.addr).await;
     client.stats(proto::StatsRequest {}).await.expect("stats");
 
@@ -108,6 +115,33 @@ async fn reflected_services(addr: std::net::SocketAddr) -> Vec<String> {
         }
         other => panic!("unexpected reflection answer {other:?}"),
     }
+}
+
+/// Whether the older v1alpha reflection service answers a ListServices request.
+async fn lists_services_v1alpha(addr: std::net::SocketAddr) -> bool {
+    use tonic_reflection::pb::v1alpha::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect()
+        .await
+        .expect("connects");
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let answer = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .expect("v1alpha reflection answers");
+    let first = answer.into_inner().message().await.expect("stream");
+    matches!(
+        first.and_then(|f| f.message_response),
+        Some(MessageResponse::ListServicesResponse(list)) if list.service.len() >= 3
+    )
 }
 
 fn free_port() -> u16 {

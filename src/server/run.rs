@@ -9,6 +9,7 @@ use std::time::Duration;
 use mplug_index::{Collection, Metric, Settings};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -78,12 +79,21 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
     let search = MplugSearchServer::new(api)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let search = tonic::service::interceptor::InterceptedService::new(search, auth.clone());
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+    let search = InterceptedService::new(search, auth.clone());
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .map_err(|error| invalid_setting("reflection", error.to_string()))?;
-    let reflection = tonic::service::interceptor::InterceptedService::new(reflection, auth);
+    let reflection_v1 = InterceptedService::new(reflection_v1, auth.clone());
+    // Older clients (grpcurl before 1.9, many language runtimes) only speak v1alpha.
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|error| invalid_setting("reflection", error.to_string()))?;
+    let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, auth);
 
     let mut builder = Server::builder().initial_connection_window_size(CONNECTION_WINDOW_BYTES);
     if let Some(tls) = &settings.tls {
@@ -94,7 +104,8 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
     let (stop, stopped) = oneshot::channel::<()>();
     let router = builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(search);
     let incoming = TcpIncoming::from_listener(listener, true, Some(TCP_KEEPALIVE))
         .map_err(|error| invalid_setting("listen", error.to_string()))?;
