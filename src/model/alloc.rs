@@ -17,12 +17,8 @@
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Tells mimalloc never to return freed memory to the OS. Call it first thing in `main`;
-/// it has no effect on another global allocator. An explicit `MIMALLOC_PURGE_DELAY` in the
-/// environment is kept.
+/// it has no effect on another global allocator.
 pub fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
     // SAFETY: sets one integer in mimalloc's option table; mimalloc reads options atomically.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
@@ -33,9 +29,6 @@ mod tests {
 
     #[test]
     fn purge_delay_option_has_mimallocs_default_of_1000_ms() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-            return;
-        }
         // SAFETY: reads one integer from mimalloc's option table.
         let delay = unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) };
         assert_eq!(
