@@ -65,15 +65,25 @@ fn read_u64(bytes: Option<sled::IVec>) -> u64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database under `dir`.
+    /// Opens (creating if needed) the database under `dir`. The database's file lock is
+    /// retried for up to [`LOCK_WAIT`]: a handle of the same collection that this process
+    /// just dropped releases it only once the store's background writers have finished.
+    /// A lock held longer (another process serving the collection) is an error.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(SLED_DIR);
-        let db = sled::Config::new()
-            .path(&path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| Error::storage(&path, e))?;
-        Ok(Self { db, path })
+        let started = std::time::Instant::now();
+        loop {
+            let config = sled::Config::new()
+                .path(&path)
+                .mode(sled::Mode::HighThroughput);
+            match config.open() {
+                Ok(db) => return Ok(Self { db, path }),
+                Err(e) if is_lock_held(&e) && started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(e) => return Err(Error::storage(&path, e)),
+            }
+        }
     }
 
     fn fail(&self, cause: impl std::fmt::Display) -> Error {
@@ -276,5 +286,45 @@ impl WriteBatch {
     /// Records the first slot not yet handed out.
     pub fn set_next_slot(&mut self, next_slot: u64) {
         self.batch.insert(KEY_NEXT_SLOT, &next_slot.to_be_bytes());
+    }
+}
+
+/// How long an open waits for the database's file lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Pause between attempts to take the lock.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether sled failed because another handle holds the database's file lock (sled reports
+/// it only through the message of an `Other` I/O error).
+fn is_lock_held(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_waits_for_a_handle_that_is_being_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = Store::open(dir.path()).expect("first open");
+        let closing = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(first);
+        });
+
+        let second = Store::open(dir.path());
+        closing.join().expect("closing thread joins");
+        assert!(second.is_ok(), "the lock was taken once released");
+    }
+
+    #[test]
+    fn a_lock_held_past_the_wait_is_an_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let _held = Store::open(dir.path()).expect("first open");
+        let Err(error) = Store::open(dir.path()) else {
+            panic!("a second open while the first is held must fail");
+        };
+        assert!(error.to_string().contains("could not acquire lock"), "{error}");
     }
 }
