@@ -325,6 +325,9 @@ mod tests {
         let Err(error) = Store::open(dir.path()) else {
             panic!("a second open while the first is held must fail");
         };
-        assert!(error.to_string().contains("could not acquire lock"), "{error}");
+        assert!(
+            error.to_string().contains("could not acquire lock"),
+            "{error}"
+        );
     }
 }
