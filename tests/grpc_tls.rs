@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use common::{serve, settings};
-use mplug_search::cli::{Cli, Command};
+use mplug_search::cli::{Cli, ClientArgs, Command};
 use mplug_search::server::proto::{self, mplug_search_client::MplugSearchClient};
 use mplug_search::server::TlsFiles;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
@@ -49,6 +49,16 @@ fn pki(dir: &Path) -> Pki {
             key: write("server.key", key.serialize_pem()),
         },
     }
+}
+
+/// The client flags of `stats` given `flags`.
+fn stats_client(flags: &[&str]) -> ClientArgs {
+    let args = ["mplug-search", "stats"].iter().chain(flags);
+    let cli = Cli::try_parse_from(args).expect("flags parse");
+    let Command::Stats(client) = cli.command else {
+        panic!("parsed as stats");
+    };
+    client
 }
 
 async fn tls_client(
@@ -104,20 +114,14 @@ async fn tls_clients_that_trust_the_ca_are_served_and_others_are_refused() {
         "plaintext is refused by a TLS server"
     );
 
-    let cli = Cli::try_parse_from([
-        "mplug-search",
-        "stats",
+    let client = stats_client(&[
         "--server",
         &format!("https://127.0.0.1:{port}"),
         "--tls-ca",
         pki.ca_file.to_str().expect("utf-8 path"),
         "--tls-domain",
         SERVER_NAME,
-    ])
-    .expect("flags parse");
-    let Command::Stats(client) = cli.command else {
-        panic!("parsed as stats");
-    };
+    ]);
     let channel = client
         .endpoint(&format!("https://127.0.0.1:{port}"))
         .expect("endpoint")
@@ -174,18 +178,12 @@ async fn unreadable_or_malformed_certificates_stop_the_server_from_starting() {
         "{error}"
     );
 
-    let cli = Cli::try_parse_from([
-        "mplug-search",
-        "stats",
+    let client = stats_client(&[
         "--server",
         "https://127.0.0.1:50051",
         "--tls-ca",
         pki.tls.key.to_str().expect("utf-8 path"),
-    ])
-    .expect("flags parse");
-    let Command::Stats(client) = cli.command else {
-        panic!("parsed as stats");
-    };
+    ]);
     let error = client
         .endpoint("https://127.0.0.1:50051")
         .expect_err("a CA file without a certificate is refused");
@@ -194,18 +192,7 @@ async fn unreadable_or_malformed_certificates_stop_the_server_from_starting() {
 
 #[test]
 fn tls_options_need_an_https_server() {
-    let cli = Cli::try_parse_from([
-        "mplug-search",
-        "stats",
-        "--server",
-        "http://127.0.0.1:50051",
-        "--tls-ca",
-        "ca.pem",
-    ])
-    .expect("flags parse");
-    let Command::Stats(client) = cli.command else {
-        panic!("parsed as stats");
-    };
+    let client = stats_client(&["--server", "http://127.0.0.1:50051", "--tls-ca", "ca.pem"]);
     let error = client
         .endpoint("http://127.0.0.1:50051")
         .expect_err("plaintext with a CA is refused");
