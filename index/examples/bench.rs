@@ -442,6 +442,52 @@ fn print_rows(out: &mut impl Write, row: &Row<'_>) {
     }
 }
 
+/// One query run: `(ef, qps, recall)`.
+fn runs_of(query: &Value) -> Vec<(f64, f64, f64)> {
+    let empty = Vec::new();
+    let runs = query
+        .get("runs")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    runs.iter()
+        .map(|r| (num(r, "ef"), num(r, "qps"), num(r, "recall")))
+        .collect()
+}
+
+/// For every hnswlib run, our fastest run with at least its recall: the comparison at equal
+/// recall, since the two graphs reach different recall at the same `ef`.
+fn print_matched(out: &mut impl Write, size: usize, ours: &Value, theirs: &Value) {
+    let ours = runs_of(ours);
+    for (ef, qps, recall) in runs_of(theirs) {
+        let best = ours
+            .iter()
+            .filter(|run| run.2 >= recall)
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let Some(&(our_ef, our_qps, our_recall)) = best else {
+            let _ = writeln!(
+                out,
+                "| {size:>9} | {ef:>10} | {recall:>9.4} | {qps:>8.0} | none reaches it |"
+            );
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            concat!(
+                "| {size:>9} | {ef:>10} | {recall:>9.4} | {qps:>8.0} | {our_ef:>6} ",
+                "| {our_recall:>9.4} | {our_qps:>8.0} | {ratio:>12.2} |"
+            ),
+            size = size,
+            ef = ef,
+            recall = recall,
+            qps = qps,
+            our_ef = our_ef,
+            our_recall = our_recall,
+            our_qps = our_qps,
+            ratio = our_qps / qps,
+        );
+    }
+}
+
 fn main() {
     let o = parse_options();
     match o.phase.as_deref() {
@@ -451,6 +497,7 @@ fn main() {
     }
 
     let mut table = Vec::new();
+    let mut matched = Vec::new();
     for &size in &o.sizes {
         prepare_data(&o, size);
         let build = run_child(&o, size, "build");
@@ -476,6 +523,7 @@ fn main() {
                 ..row
             };
             print_rows(&mut table, &row);
+            print_matched(&mut matched, size, &query, &hnswlib);
         }
     }
 
@@ -493,4 +541,17 @@ fn main() {
         "|-----------|-----------|----------|------|"
     ));
     print!("{}", String::from_utf8_lossy(&table));
+    if matched.is_empty() {
+        return;
+    }
+    println!("\nAt equal recall: each hnswlib run, and our fastest run with at least its recall");
+    println!(concat!(
+        "|         n | hnswlib ef | recall@10 |      QPS | our ef | recall@10 |      QPS ",
+        "| ours/hnswlib |"
+    ));
+    println!(concat!(
+        "|-----------|------------|-----------|----------|--------|-----------|----------",
+        "|--------------|"
+    ));
+    print!("{}", String::from_utf8_lossy(&matched));
 }
