@@ -1,7 +1,7 @@
 //! The HNSW graph over slot numbers, and the dump files that let an open skip rebuilding it.
 //!
 //! A dump lives in its own directory under `graph/` next to a manifest with the write epoch
-//! it reflects and a BLAKE3 checksum of each file; `graph/CURRENT` names the active dump and
+//! it reflects and a checksum of each file ([`crate::checksum`]); `graph/CURRENT` names the active dump and
 //! is replaced by an atomic rename only once the new dump is complete and synced. A
 //! missing, torn, stale or foreign dump is reported as a reason to rebuild, never as an
 //! error.
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checksum::{self, Checksum};
 use crate::error::{Error, Result};
 use crate::hnsw::{Accept, GraphFile, Hnsw, Shape, VectorFile};
 use crate::slots::SlotInfo;
@@ -22,7 +23,7 @@ pub(crate) const GRAPH_DIR: &str = "graph";
 const CURRENT_FILE: &str = "CURRENT";
 const MANIFEST_FILE: &str = "manifest.json";
 const BASENAME: &str = "nodes";
-const DUMP_FORMAT: u32 = 2;
+const DUMP_FORMAT: u32 = 3;
 
 /// The HNSW graph of a collection; node data ids are slot numbers.
 pub(crate) struct Graph {
@@ -106,7 +107,7 @@ struct Manifest {
 struct FileSum {
     name: String,
     len: u64,
-    blake3: String,
+    checksum: String,
 }
 
 /// Where the graph of a collection is dumped.
@@ -118,9 +119,9 @@ fn io_error(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::storage(path, e)
 }
 
-fn checksum(path: &Path) -> std::io::Result<(u64, String)> {
+fn checksum_file(path: &Path) -> std::io::Result<(u64, String)> {
     let mut file = File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
+    let mut sum = Checksum::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut len = 0u64;
     loop {
@@ -128,10 +129,10 @@ fn checksum(path: &Path) -> std::io::Result<(u64, String)> {
         if read == 0 {
             break;
         }
-        hasher.update(&buffer[..read]);
+        sum.update(&buffer[..read]);
         len += read as u64;
     }
-    Ok((len, hasher.finalize().to_hex().to_string()))
+    Ok((len, sum.hex()))
 }
 
 fn sync_file(path: &Path) -> std::io::Result<()> {
@@ -214,8 +215,12 @@ impl DumpDir {
         for name in dump_files(BASENAME) {
             let path = dir.join(&name);
             sync_file(&path).map_err(|e| io_error(&path, e))?;
-            let (len, blake3) = checksum(&path).map_err(|e| io_error(&path, e))?;
-            files.push(FileSum { name, len, blake3 });
+            let (len, checksum) = checksum_file(&path).map_err(|e| io_error(&path, e))?;
+            files.push(FileSum {
+                name,
+                len,
+                checksum,
+            });
         }
         Ok(Manifest {
             format: DUMP_FORMAT,
@@ -341,7 +346,7 @@ fn write_items(path: &Path, items: &[(u64, &SlotInfo)]) -> Result<()> {
 /// Reads the items file whole; returns its checksum and bytes.
 fn read_items(path: &Path) -> std::result::Result<(String, Vec<u8>), String> {
     let bytes = fs::read(path).map_err(|e| format!("items: {e}"))?;
-    Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
+    Ok((checksum::of(&bytes), bytes))
 }
 
 /// Reads the three files in parallel (each hashed while read), compares the checksums
@@ -365,9 +370,9 @@ fn reload(
         (graph.and_then(|g| g), vectors, items.and_then(|i| i))
     });
     let (graph, vectors, (items_sum, items)) = (graph?, vectors?, items?);
-    let sums = [&graph.blake3, &vectors.blake3, &items_sum];
+    let sums = [&graph.checksum, &vectors.checksum, &items_sum];
     for (file, sum) in manifest.files.iter().zip(sums) {
-        if *sum != file.blake3 {
+        if *sum != file.checksum {
             return Err(format!("{} checksum mismatch", file.name));
         }
     }

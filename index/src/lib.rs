@@ -37,6 +37,7 @@
 //! # }
 //! ```
 
+mod checksum;
 mod collection;
 mod error;
 mod graph;

@@ -6,7 +6,8 @@
 //!   node), then the upper-level lists of every node above level 0, in node order;
 //! - the vector file: header, slot numbers (`u64`), vectors (`f32`, `dimension` per node).
 //!
-//! Readers hash what they read with BLAKE3 on the way, so a file is read once.
+//! Readers checksum what they read on the way (see [`crate::checksum`]), so a file is read
+//! once.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -14,6 +15,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
+
+use crate::checksum::Checksum;
 
 use super::cells::{atomics_from, bytes, bytes_mut, zeroed, Cells, Plain};
 use super::distance::Dot;
@@ -99,8 +102,8 @@ pub(crate) struct GraphFile {
     levels: Vec<u8>,
     base: Vec<u32>,
     upper: Vec<u32>,
-    /// BLAKE3 of the whole file, hex.
-    pub blake3: String,
+    /// Checksum of the whole file, as [`Checksum::hex`] writes it.
+    pub checksum: String,
 }
 
 /// The vector file's content, read and hashed.
@@ -108,21 +111,21 @@ pub(crate) struct VectorFile {
     header: Header,
     slots: Vec<u64>,
     vectors: Vec<f32>,
-    /// BLAKE3 of the whole file, hex.
-    pub blake3: String,
+    /// Checksum of the whole file, as [`Checksum::hex`] writes it.
+    pub checksum: String,
 }
 
 /// A reader that hashes everything read through it.
 struct Hashing<R> {
     inner: R,
-    hasher: blake3::Hasher,
+    sum: Checksum,
     read: u64,
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.sum.update(&buf[..n]);
         self.read += n as u64;
         Ok(n)
     }
@@ -152,7 +155,7 @@ impl<R: Read> Hashing<R> {
         if extra != 0 || self.read != expected_len {
             return Err(format!("file is longer than its {expected_len} bytes"));
         }
-        Ok(self.hasher.finalize().to_hex().to_string())
+        Ok(self.sum.hex())
     }
 }
 
@@ -161,7 +164,7 @@ fn open_hashing(path: &Path) -> Result<(Hashing<File>, u64), String> {
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     let reader = Hashing {
         inner: file,
-        hasher: blake3::Hasher::new(),
+        sum: Checksum::new(),
         read: 0,
     };
     Ok((reader, len))
@@ -196,13 +199,13 @@ impl GraphFile {
         let levels = reader.array::<u8>(nodes, spare)?;
         let base = reader.array::<u32>(nodes * stride as usize, spare * stride as usize)?;
         let upper = reader.array::<u32>(header.upper_words as usize, 0)?;
-        let blake3 = reader.finish(len)?;
+        let checksum = reader.finish(len)?;
         Ok(Self {
             header,
             levels,
             base,
             upper,
-            blake3,
+            checksum,
         })
     }
 }
@@ -216,12 +219,12 @@ impl VectorFile {
         let nodes = check_fits(header.nodes, 8 + 4 * dim as u64, 0, len)?;
         let slots = reader.array::<u64>(nodes, spare)?;
         let vectors = reader.array::<f32>(nodes * dim, spare * dim)?;
-        let blake3 = reader.finish(len)?;
+        let checksum = reader.finish(len)?;
         Ok(Self {
             header,
             slots,
             vectors,
-            blake3,
+            checksum,
         })
     }
 }
