@@ -1,10 +1,10 @@
 //! The HNSW graph over slot numbers, and the dump files that let an open skip rebuilding it.
 //!
 //! A dump lives in its own directory under `graph/` next to a manifest with the write epoch
-//! it reflects and a checksum of each file ([`crate::checksum`]); `graph/CURRENT` names the active dump and
-//! is replaced by an atomic rename only once the new dump is complete and synced. A
-//! missing, torn, stale or foreign dump is reported as a reason to rebuild, never as an
-//! error.
+//! it reflects and a checksum of each file ([`crate::checksum`]); `graph/CURRENT` names the
+//! active dump and is replaced by an atomic rename only once the new dump is complete and
+//! synced. A missing, torn, stale or foreign dump is reported as a reason to rebuild, never
+//! as an error.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
