@@ -1,6 +1,7 @@
 //! Inserting: nodes of a batch are written first, then linked in parallel, each by greedy
 //! descent, a beam of `ef_construction` per level, the neighbour selection heuristic and
-//! bidirectional links that prune the neighbour's list when it is full.
+//! bidirectional links that prune the neighbour's list when it is full. A batch ends by
+//! relinking the nodes that pruning left unreachable (see `reach`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -16,9 +17,9 @@ impl Hnsw {
     /// Adds `(vector, slot)` pairs as new nodes, linking them in parallel for large batches.
     /// Returns how many were added: pairs past the capacity (see [`Hnsw::has_room`]) are
     /// left out and reported. Vectors are read up to the graph's dimension; shorter ones
-    /// are padded with zeros.
+    /// are padded with zeros. On return every node is reachable on the base level.
     pub fn insert(&self, items: &[(&[f32], u64)]) -> usize {
-        let _writer = self.writer.lock();
+        let mut ranking = self.writer.lock();
         let start = self.len();
         let count = items.len().min(self.capacity - start);
         if count < items.len() {
@@ -38,8 +39,13 @@ impl Hnsw {
             );
         }
         self.len.store(start + count, Ordering::Release);
+        if count == 0 {
+            return 0;
+        }
 
+        let entry = self.entry();
         let nodes = start as u32..(start + count) as u32;
+        self.rank_batch(&ranking, nodes.clone());
         if count < PARALLEL_MIN {
             nodes.for_each(|node| with_context(|context| self.link(context, node)));
         } else {
@@ -47,6 +53,7 @@ impl Hnsw {
                 .into_par_iter()
                 .for_each(|node| with_context(|context| self.link(context, node)));
         }
+        self.anchor_batch(&mut ranking, start as u32..(start + count) as u32, entry);
         count
     }
 
@@ -130,6 +137,9 @@ impl Hnsw {
         let fresh = |id: &u32| selected.iter().all(|s| s.node != *id);
         if context.neighbours.iter().all(|id| !fresh(id)) {
             write_list(list, selected.iter().map(|s| s.node));
+            if layer == 0 {
+                self.count_changes(node, &context.neighbours, selected);
+            }
             return;
         }
 
@@ -146,6 +156,9 @@ impl Hnsw {
         self.select(&sorted, list.len().saturating_sub(1), &mut kept);
         context.sorted = sorted;
         write_list(list, kept.iter().map(|s| s.node));
+        if layer == 0 {
+            self.count_changes(node, &context.neighbours, &kept);
+        }
     }
 
     /// The entry point, or `None` after making `node` the entry point of an empty graph.
@@ -170,10 +183,6 @@ impl Hnsw {
         }
     }
 
-    // TODO(index-reachability): the heuristic can prune every link into a node, so after a
-    // parallel build about one node in several thousand may be reachable only by an exact
-    // search; filling pruned lists with the nearest dropped candidates, or a repair pass
-    // over nodes without incoming links, would close this and needs a recall/QPS re-run.
     /// The neighbour selection heuristic over candidates sorted nearest first: a candidate
     /// is kept when it is nearer to the base than to every neighbour kept before it, up to
     /// `max`. With fewer than `max` candidates all are kept.
@@ -215,6 +224,9 @@ impl Hnsw {
         if len < ids.len() {
             ids[len].store(node, Ordering::Release);
             count.store(len as u32 + 1, Ordering::Release);
+            if level == 0 {
+                self.add_link(neighbour, node);
+            }
             return;
         }
 
@@ -232,6 +244,9 @@ impl Hnsw {
         self.select(&sorted, ids.len(), &mut context.selected);
         context.sorted = sorted;
         write_list(list, context.selected.iter().map(|s| s.node));
+        if level == 0 {
+            self.count_changes(neighbour, &context.neighbours, &context.selected);
+        }
     }
 }
 

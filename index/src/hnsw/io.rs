@@ -18,9 +18,9 @@ use parking_lot::Mutex;
 
 use crate::checksum::Checksum;
 
-use super::cells::{atomics_from, bytes, bytes_mut, zeroed, Cells, Plain};
+use super::cells::{atomics_from, bytes, bytes_mut, zeroed, zeroed_atomics, Cells, Plain};
 use super::distance::Dot;
-use super::{unpack_entry, Hnsw, Shape, MAX_LEVEL};
+use super::{unpack_entry, Hnsw, Ranking, Shape, MAX_LEVEL};
 
 const GRAPH_MAGIC: [u8; 8] = *b"MPGRAPH1";
 const VECTOR_MAGIC: [u8; 8] = *b"MPVECTS1";
@@ -280,7 +280,8 @@ impl Hnsw {
 
     /// Assembles a graph from its two files, checking that they belong together, match
     /// `shape` and hold a well-formed graph (every id in range, every count within its
-    /// list). `spare` must be the room both files were read with.
+    /// list). `spare` must be the room both files were read with. Ranks the nodes afresh,
+    /// relinking any node the entry point does not reach (dumps hold no ranks).
     pub fn from_files(
         shape: Shape,
         graph: GraphFile,
@@ -308,12 +309,16 @@ impl Hnsw {
             upper: Cells::from_vec(upper),
             base: atomics_from(graph.base),
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
+            ranks: zeroed_atomics(capacity),
+            anchors: zeroed_atomics(capacity),
+            unanchored: Mutex::new(Vec::new()),
             entry: AtomicU64::new(header.entry),
             entry_lock: Mutex::new(()),
-            writer: Mutex::new(()),
+            writer: Mutex::new(Ranking::default()),
             dot: Dot::detect(),
         };
         hnsw.validate()?;
+        hnsw.rank_all(&mut hnsw.writer.lock());
         Ok(hnsw)
     }
 

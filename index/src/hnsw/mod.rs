@@ -7,13 +7,18 @@
 //!   `2M` neighbour ids);
 //! - upper layers (reached by about one node in `M - 1`) as one small boxed array per such
 //!   node, `1 + M` words per level;
-//! - node levels drawn with `mL = 1 / ln(M)`.
+//! - node levels drawn with `mL = 1 / ln(M)`;
+//! - a rank and an anchor count per node, in memory only, which keep every node reachable
+//!   (see `reach`).
 //!
 //! Concurrency: a batch of inserts runs under the graph's writer mutex and links its nodes
 //! in parallel on rayon, each neighbour list guarded by its node's lock; searches take no
 //! lock at all. Neighbour lists are atomics written with release stores and read with
 //! acquire loads, so a search that reaches a node through a link also sees the node's vector
-//! and level, which are written before any link to the node exists. A graph never grows in
+//! and level, which are written before any link to the node exists. Each base-level list
+//! change also counts the anchors it adds or drops, and the batch ends, still under the
+//! writer mutex, by relinking every node that lost its last anchor; relinking writes ids
+//! with the same release stores, so searches go on meanwhile. A graph never grows in
 //! place: [`Hnsw::with_room`] returns a larger copy, which the owner swaps in while searches
 //! finish on the old one.
 
@@ -21,6 +26,7 @@ mod cells;
 pub(crate) mod distance;
 mod insert;
 mod io;
+mod reach;
 mod search;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -73,12 +79,28 @@ pub(crate) struct Hnsw {
     upper: Cells<Option<Box<[AtomicU32]>>>,
     base: Box<[AtomicU32]>,
     locks: Box<[Mutex<()>]>,
+    /// Rank of each node; changed only under the writer lock, between linking phases.
+    ranks: Box<[AtomicU32]>,
+    /// Base-level links into each node from lower-ranked nodes; changed with the lists,
+    /// under their owners' locks.
+    anchors: Box<[AtomicU32]>,
+    /// Nodes that lost their last anchor during the running insert batch.
+    unanchored: Mutex<Vec<u32>>,
     /// `level << 32 | node` of the entry point, or [`NO_ENTRY`].
     entry: AtomicU64,
     entry_lock: Mutex<()>,
     /// Serialises insert batches, copies and dumps.
-    writer: Mutex<()>,
+    writer: Mutex<Ranking>,
     dot: Dot,
+}
+
+/// What the writer lock guards besides the right to change the graph.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ranking {
+    /// Rank of the nodes of the next insert batch: above every rank given so far.
+    next: u32,
+    /// Nodes in the graph at the last full ranking.
+    ranked_len: usize,
 }
 
 fn pack_entry(node: u32, level: usize) -> u64 {
@@ -103,9 +125,12 @@ impl Hnsw {
             upper: Cells::from_vec((0..capacity).map(|_| None).collect()),
             base: zeroed_atomics(capacity * shape.base_stride()),
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
+            ranks: zeroed_atomics(capacity),
+            anchors: zeroed_atomics(capacity),
+            unanchored: Mutex::new(Vec::new()),
             entry: AtomicU64::new(NO_ENTRY),
             entry_lock: Mutex::new(()),
-            writer: Mutex::new(()),
+            writer: Mutex::new(Ranking::default()),
             dot: Dot::detect(),
         }
     }
@@ -129,7 +154,7 @@ impl Hnsw {
     /// sequence of batches copies each node a bounded number of times. Waits for a running
     /// insert batch.
     pub fn with_room(&self, extra: usize) -> Self {
-        let _writer = self.writer.lock();
+        let ranking = self.writer.lock();
         let len = self.len();
         let capacity = (len + extra).max(2 * self.capacity).max(1024);
         let mut copy = Self::new(self.shape, capacity);
@@ -146,10 +171,10 @@ impl Hnsw {
                 .as_ref()
                 .map(|lists| copy_atomics(lists));
         }
-        let words = len * self.shape.base_stride();
-        for (target, source) in copy.base.iter_mut().zip(&self.base[..words]) {
-            *target.get_mut() = source.load(Ordering::Acquire);
-        }
+        copy_into(&mut copy.base, &self.base[..len * self.shape.base_stride()]);
+        copy_into(&mut copy.ranks, &self.ranks[..len]);
+        copy_into(&mut copy.anchors, &self.anchors[..len]);
+        *copy.writer.get_mut() = *ranking;
         *copy.entry.get_mut() = self.entry.load(Ordering::Acquire);
         *copy.len.get_mut() = len;
         copy
@@ -216,6 +241,13 @@ impl Hnsw {
         };
         let count = (count.load(Ordering::Acquire) as usize).min(ids.len());
         out.extend(ids[..count].iter().map(|id| id.load(Ordering::Acquire)));
+    }
+}
+
+/// Copies `source` into the start of `target`, which nothing else can reach yet.
+fn copy_into(target: &mut [AtomicU32], source: &[AtomicU32]) {
+    for (target, source) in target.iter_mut().zip(source) {
+        *target.get_mut() = source.load(Ordering::Acquire);
     }
 }
 

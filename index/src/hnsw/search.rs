@@ -111,19 +111,10 @@ impl Hnsw {
         ef: usize,
         accept: Option<Accept<'_>>,
     ) -> Vec<(u64, f32)> {
-        let Some((entry, top)) = self.entry() else {
-            return Vec::new();
-        };
         with_context(|context| {
-            let mut nearest = Scored {
-                dist: self.distance(query, entry),
-                node: entry,
-            };
-            for level in (1..=top).rev() {
-                nearest = self.greedy(context, query, nearest, level);
+            if !self.search_base(context, query, ef.max(k), accept) {
+                return Vec::new();
             }
-            self.search_layer(context, query, nearest, ef.max(k), 0, accept);
-            context.sort_results();
             context
                 .sorted
                 .iter()
@@ -131,6 +122,32 @@ impl Hnsw {
                 .map(|s| (self.slot(s.node), -s.dist))
                 .collect()
         })
+    }
+
+    /// Descends greedily from the entry point, then leaves the best `ef` accepted nodes of a
+    /// beam search on the base level in `context.sorted`, nearest first. False, with nothing
+    /// left, when the graph is empty.
+    pub(super) fn search_base(
+        &self,
+        context: &mut Context,
+        query: &[f32],
+        ef: usize,
+        accept: Option<Accept<'_>>,
+    ) -> bool {
+        let Some((entry, top)) = self.entry() else {
+            context.sorted.clear();
+            return false;
+        };
+        let mut nearest = Scored {
+            dist: self.distance(query, entry),
+            node: entry,
+        };
+        for level in (1..=top).rev() {
+            nearest = self.greedy(context, query, nearest, level);
+        }
+        self.search_layer(context, query, nearest, ef, 0, accept);
+        context.sort_results();
+        true
     }
 
     /// Walks `level` from `start` to a local minimum of the distance to `query`.
