@@ -25,7 +25,7 @@
 //! last full ranking, and when a graph is loaded. It ranks the nodes in the order of a
 //! breadth-first walk of the base level from the entry point (one depth at a time, in
 //! parallel), adopting every node the walk misses by a reached node and walking on from it,
-//! then counts anchors from scratch. In walk order, about half of the links into a node come
+//! and counts anchors on the way. In walk order, about half of the links into a node come
 //! from lower ranks, so nodes keep several anchors and an adoption rarely has to look
 //! beyond the node's own neighbours. Ranks and anchors live in memory only.
 
@@ -131,22 +131,22 @@ impl Hnsw {
     }
 
     /// Ranks every node in the order of a breadth-first walk of the base level from the
-    /// entry point, adopting every node the walk misses, then counts anchors from scratch.
+    /// entry point, adopting every node the walk misses, and counts anchors from scratch.
     /// Runs under the writer lock, or on a graph not yet shared; searches go on meanwhile.
     pub(super) fn rank_all(&self, ranking: &mut Ranking) {
         let len = self.len();
         self.ranks[..len]
             .par_iter()
             .for_each(|rank| rank.store(UNRANKED, Ordering::Relaxed));
-        self.clear_anchors();
+        self.anchors[..len]
+            .par_iter()
+            .for_each(|anchors| anchors.store(0, Ordering::Relaxed));
         self.unanchored.lock().clear();
         let mut next = 0;
         if let Some((entry, _)) = self.entry() {
             next = self.spread(entry, 0);
             next = self.adopt_unranked(next);
         }
-        self.clear_anchors();
-        self.count_anchors();
         ranking.next = next;
         ranking.ranked_len = len;
     }
@@ -181,8 +181,8 @@ impl Hnsw {
     }
 
     /// Gives `start` rank `next`, then the following ranks to the unranked nodes the base
-    /// level reaches from it, in breadth-first order, one depth at a time in parallel.
-    /// Returns the next free rank.
+    /// level reaches from it, in breadth-first order, one depth at a time in parallel, and
+    /// counts the anchors among the links it follows. Returns the next free rank.
     fn spread(&self, start: u32, mut next: u32) -> u32 {
         self.ranks[start as usize].store(next, Ordering::Relaxed);
         next += 1;
@@ -190,7 +190,11 @@ impl Hnsw {
         while !frontier.is_empty() {
             frontier = frontier
                 .par_iter()
-                .flat_map_iter(|&owner| self.base_ids(owner).filter(|&node| self.reach(node)))
+                .flat_map_iter(|&owner| {
+                    let rank = self.rank(owner);
+                    self.base_ids(owner)
+                        .filter(move |&node| self.follow(rank, node))
+                })
                 .collect();
             frontier.par_iter().enumerate().for_each(|(offset, &node)| {
                 let rank = next.saturating_add(offset as u32).min(REACHED - 1);
@@ -201,29 +205,22 @@ impl Hnsw {
         next
     }
 
-    /// Marks an unranked node as reached by the running walk; false when it was not
-    /// unranked.
-    fn reach(&self, node: u32) -> bool {
-        self.ranks[node as usize]
-            .compare_exchange(UNRANKED, REACHED, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    }
-
-    /// Sets every anchor count to zero, so that the adoptions of a full ranking, which come
-    /// before the count, never evict a link that anchors a reached node.
-    fn clear_anchors(&self) {
-        self.anchors[..self.len()]
-            .par_iter()
-            .for_each(|anchors| anchors.store(0, Ordering::Relaxed));
-    }
-
-    /// Counts the anchors of every node from the lists, in parallel, from zero.
-    fn count_anchors(&self) {
-        (0..self.len() as u32).into_par_iter().for_each(|owner| {
-            for node in self.base_ids(owner) {
-                self.add_link(owner, node);
-            }
-        });
+    /// Follows a link from a node of rank `rank` to `node` during a walk: counts it when it
+    /// is an anchor and marks `node` reached when it was unranked, returning true then.
+    ///
+    /// Every node of the walk's current depth is numbered before the depth is walked, and
+    /// every node reached from it gets a higher number afterwards, so the rank read here
+    /// decides the anchor exactly: a node not numbered yet will rank higher.
+    fn follow(&self, rank: u32, node: u32) -> bool {
+        let target = &self.ranks[node as usize];
+        let current = target.load(Ordering::Relaxed);
+        if current > rank {
+            self.anchors[node as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        current == UNRANKED
+            && target
+                .compare_exchange(UNRANKED, REACHED, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// The ids in the base-level list of `node`.
