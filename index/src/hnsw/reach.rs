@@ -22,12 +22,13 @@
 //!
 //! A full ranking replaces this step after a batch that is large next to the graph, that
 //! changed the entry point, that failed to adopt a node, or that doubled the graph since the
-//! last full ranking, and when a graph is loaded. It ranks the nodes in the order of a
-//! breadth-first walk of the base level from the entry point (one depth at a time, in
-//! parallel), adopting every node the walk misses by a reached node and walking on from it,
-//! and counts anchors on the way. In walk order, about half of the links into a node come
-//! from lower ranks, so nodes keep several anchors and an adoption rarely has to look
-//! beyond the node's own neighbours. Ranks and anchors live in memory only.
+//! last full ranking (so that lower-ranked nodes stay common everywhere), and when a graph
+//! is loaded. It ranks the nodes in the order of a breadth-first walk of the base level
+//! from the entry point (one depth at a time, in parallel), adopting every node the walk
+//! misses by a reached node and walking on from it, and counts anchors on the way. In walk
+//! order, links between nodes of equal depth anchor too, so nodes keep several anchors and
+//! an adoption rarely has to look beyond the node's own neighbours. Ranks and anchors live
+//! in memory only.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -46,7 +47,7 @@ const REACHED: u32 = u32::MAX - 1;
 const LARGE_BATCH: usize = 8;
 
 impl Hnsw {
-    /// Rank of `node`.
+    /// Rank of `node`: its place in the order that anchors follow.
     pub(super) fn rank(&self, node: u32) -> u32 {
         self.ranks[node as usize].load(Ordering::Relaxed)
     }
