@@ -5,8 +5,8 @@
 //! copy. Each (batch, head) pair is one rayon task: scores `scale · q kᵀ` into a per-thread
 //! buffer, the additive mask, a row softmax ([`super::vmath::softmax`]), then `p v` written
 //! straight into its columns of the (B, Lq, H·d) output. The two products run on the `gemm`
-//! crate single-threaded inside the task. Compared with composed tensor ops this avoids the head-split and
-//! transpose copies and the (B, H, Lq, Lk) score and probability tensors.
+//! crate single-threaded inside the task. Compared with composed tensor ops this avoids the
+//! head-split and transpose copies and the (B, H, Lq, Lk) score and probability tensors.
 
 #![expect(
     unsafe_code,
