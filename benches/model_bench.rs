@@ -5,7 +5,8 @@
 //! used, plus its outputs and timings, so `scripts/bench-model.sh` can run PyTorch on the same
 //! weights.
 //!
-//! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N] [--peak GFLOPS]`.
+//! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N] [--peak GFLOPS] [--b1]`;
+//! `--b1` times the vision encoder at batch 1 only (for profiling), without writing outputs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ struct Args {
     out: Option<PathBuf>,
     iters: usize,
     peak: f64,
+    b1_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -35,6 +37,7 @@ fn parse_args() -> Args {
         out: None,
         iters: 3,
         peak: DEFAULT_PEAK_GFLOPS,
+        b1_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -47,6 +50,7 @@ fn parse_args() -> Args {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(DEFAULT_PEAK_GFLOPS)
             }
+            "--b1" => args.b1_only = true,
             _ => {}
         }
     }
@@ -103,16 +107,40 @@ fn build(cfg: &MplugConfig, weights: &HashMap<String, Tensor>, dtype: DType) -> 
         .0
 }
 
-/// Best wall time in seconds of `iters` runs after one warm-up.
-fn time<T>(iters: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+/// A case's timing: best wall seconds of the timed runs, and mean CPU seconds per run over
+/// all threads of the process (NaN where unknown). On a shared machine the CPU time moves
+/// less with other load than the wall time does.
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+/// Times `iters` runs after one warm-up.
+fn time<T>(iters: usize, mut f: impl FnMut() -> T) -> (Timing, T) {
     let mut out = f();
     let mut best = f64::INFINITY;
+    let cpu_start = cpu_seconds();
     for _ in 0..iters {
         let start = Instant::now();
         out = f();
         best = best.min(start.elapsed().as_secs_f64());
     }
-    (best, out)
+    let cpu = (cpu_seconds() - cpu_start) / iters as f64;
+    (Timing { wall: best, cpu }, out)
+}
+
+/// CPU time of every thread of this process so far (Linux's per-thread scheduler
+/// statistics), or NaN where they cannot be read.
+fn cpu_seconds() -> f64 {
+    let Ok(threads) = std::fs::read_dir("/proc/self/task") else {
+        return f64::NAN;
+    };
+    let nanos: u64 = threads
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    nanos as f64 * 1e-9
 }
 
 /// Matmul FLOPs (2 per multiply-add) of the vision tower for one image.
@@ -175,6 +203,7 @@ fn inputs() -> Inputs {
 struct Row {
     name: String,
     seconds: f64,
+    cpu_seconds: f64,
     per_second: f64,
     flops: f64,
 }
@@ -191,42 +220,57 @@ struct Flops {
     rerank: f64,
 }
 
-/// What one precision produced: timings, ITC image embeddings of image 0, ITM logits.
+/// What one precision produced: timings, ITC image embeddings of image 0, ITM logits (not
+/// with `--b1`).
 struct Outcome {
     rows: Vec<Row>,
     embeds: Tensor,
-    itm: Tensor,
+    itm: Option<Tensor>,
 }
 
-fn run(model: &Mplug, inp: &Inputs, label: &str, iters: usize, flops: &Flops) -> Outcome {
+fn run(model: &Mplug, inp: &Inputs, label: &str, args: &Args, flops: &Flops) -> Outcome {
     let mut rows = Vec::new();
     let mut v1 = None;
-    for batch in [1usize, 8] {
+    let batches: &[usize] = if args.b1_only { &[1] } else { &[1, 8] };
+    for &batch in batches {
         let px = inp.pixels.narrow(0, 0, batch).expect("batch");
-        let (s, v) = time(iters, || model.encode_image(&px).expect("vision"));
-        println!("vision b{batch} {label}: {:.1} ms", s * 1e3);
+        let (s, v) = time(args.iters, || model.encode_image(&px).expect("vision"));
+        println!("vision b{batch} {label}: {:.1} ms", s.wall * 1e3);
         rows.push(Row {
             name: format!("vision b{batch} {label}"),
-            seconds: s,
-            per_second: batch as f64 / s,
+            seconds: s.wall,
+            cpu_seconds: s.cpu,
+            per_second: batch as f64 / s.wall,
             flops: flops.image * batch as f64,
         });
         v1.get_or_insert(v);
     }
     let v = v1.expect("vision ran");
     let embeds = model.image_embeds(&v).expect("itc");
-    let (s, itm) = time(iters, || {
+    if args.b1_only {
+        return Outcome {
+            rows,
+            embeds,
+            itm: None,
+        };
+    }
+    let (s, itm) = time(args.iters, || {
         let (_, tf) = model.fuse(&inp.t, &inp.t_mask, &v).expect("fusion");
         model.itm_logits(&tf).expect("itm")
     });
-    println!("itm rerank x{CANDIDATES} {label}: {:.1} ms", s * 1e3);
+    println!("itm rerank x{CANDIDATES} {label}: {:.1} ms", s.wall * 1e3);
     rows.push(Row {
         name: format!("itm rerank x{CANDIDATES} {label}"),
-        seconds: s,
-        per_second: 1.0 / s,
+        seconds: s.wall,
+        cpu_seconds: s.cpu,
+        per_second: 1.0 / s.wall,
         flops: flops.rerank,
     });
-    Outcome { rows, embeds, itm }
+    Outcome {
+        rows,
+        embeds,
+        itm: Some(itm),
+    }
 }
 
 fn load_average() -> String {
@@ -237,14 +281,15 @@ fn load_average() -> String {
 
 fn print_table(rows: &[Row], f32_rows: &[Row], peak: f64) {
     println!(
-        "{:<26} {:>10} {:>10} {:>9} {:>7} {:>8}",
-        "case", "ms", "items/s", "GFLOP/s", "% peak", "vs f32"
+        "{:<26} {:>10} {:>10} {:>10} {:>9} {:>7} {:>8}",
+        "case", "ms", "cpu ms", "items/s", "GFLOP/s", "% peak", "vs f32"
     );
     for (r, base) in rows.iter().zip(f32_rows.iter().cycle()) {
         println!(
-            "{:<26} {:>10.1} {:>10.3} {:>9.1} {:>7.1} {:>7.2}x",
+            "{:<26} {:>10.1} {:>10.1} {:>10.3} {:>9.1} {:>7.1} {:>7.2}x",
             r.name,
             r.seconds * 1e3,
+            r.cpu_seconds * 1e3,
             r.per_second,
             r.gflops(),
             100.0 * r.gflops() / peak,
@@ -279,18 +324,20 @@ fn main() {
     println!("load average before: {}", load_average());
 
     let f32_model = build(&cfg, &weights, DType::F32);
-    let full = run(&f32_model, &inp, "f32", args.iters, &flops);
+    let full = run(&f32_model, &inp, "f32", &args, &flops);
     drop(f32_model);
     let mut rows = full.rows;
     let f32_len = rows.len();
     if bf16::available() {
         let bf16_model = build(&cfg, &weights, DType::BF16);
-        let half = run(&bf16_model, &inp, "bf16", args.iters, &flops);
+        let half = run(&bf16_model, &inp, "bf16", &args, &flops);
         println!(
-            "bf16 vs f32: ITC image embeddings max|diff| {:.2e}, ITM logits max|diff| {:.2e}",
-            max_diff(&half.embeds, &full.embeds),
-            max_diff(&half.itm, &full.itm)
+            "bf16 vs f32: ITC image embeddings max|diff| {:.2e}",
+            max_diff(&half.embeds, &full.embeds)
         );
+        if let (Some(h), Some(f)) = (&half.itm, &full.itm) {
+            println!("bf16 vs f32: ITM logits max|diff| {:.2e}", max_diff(h, f));
+        }
         rows.extend(half.rows);
     } else {
         println!("bf16: not run (this CPU has no avx512_bf16)");
@@ -298,8 +345,8 @@ fn main() {
     println!("load average after: {}", load_average());
     print_table(&rows, &rows[..f32_len], args.peak);
 
-    if let Some(dir) = args.out {
-        write_outputs(&dir, &weights, &inp, &full.embeds, &full.itm, &rows);
+    if let (Some(dir), Some(itm)) = (&args.out, &full.itm) {
+        write_outputs(dir, &weights, &inp, &full.embeds, itm, &rows);
     }
 }
 
@@ -330,6 +377,7 @@ fn write_outputs(
             serde_json::json!({
                 "case": r.name,
                 "seconds": r.seconds,
+                "cpu_seconds": r.cpu_seconds,
                 "per_second": r.per_second,
                 "flops": r.flops,
             })

@@ -3,10 +3,10 @@
 //! Queries, keys and values are read in place from the projection outputs (B, L, H·d), so
 //! packed q/k/v slices and a key/value source of batch 1 shared by every query row need no
 //! copy. Each (batch, head) pair is one rayon task: scores `scale · q kᵀ` into a per-thread
-//! buffer, the additive mask, a row softmax, then `p v` written straight into its columns
-//! of the (B, Lq, H·d) output. The two products run on the `gemm` crate single-threaded
-//! inside the task. Compared with composed tensor ops this avoids the head-split and
-//! transpose copies and the (B, H, Lq, Lk) score and probability tensors.
+//! buffer, the additive mask, a row softmax ([`super::vmath::softmax`]), then `p v` written
+//! straight into its columns of the (B, Lq, H·d) output. The two products run on the `gemm`
+//! crate single-threaded inside the task. Compared with composed tensor ops this avoids the
+//! head-split and transpose copies and the (B, H, Lq, Lk) score and probability tensors.
 
 #![expect(
     unsafe_code,
@@ -226,7 +226,7 @@ impl Attend {
         let mask = self.mask.as_ref().map(|m| &m[b * lk..][..lk]);
         scores
             .chunks_exact_mut(lk)
-            .for_each(|row| softmax_row(row, mask));
+            .for_each(|row| super::vmath::softmax(row, mask));
 
         let context = Product {
             m: lq,
@@ -254,20 +254,6 @@ impl Attend {
         // columns col..col + hd, row stride w) belongs to this task alone.
         unsafe { context.run() };
     }
-}
-
-/// Adds the mask to one row of scores, then a softmax in place: `exp(x - max) / sum`.
-fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
-    if let Some(m) = mask {
-        row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
-    }
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    row.iter_mut().for_each(|x| *x /= sum);
 }
 
 impl CustomOp3 for Attend {

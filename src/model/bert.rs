@@ -10,7 +10,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::attend;
 use super::config::{Activation, BertConfig, MaskConfig};
-use super::nn::{additive_mask, attention, causal_mask, split_heads, LayerNorm, Linear};
+use super::nn::{additive_mask, attention, causal_mask, split_heads, LayerNorm, Linear, Packing};
 
 const EMBEDDING_INIT: Init = Init::Randn {
     mean: 0.0,
@@ -174,15 +174,15 @@ impl BertAttention {
         self.norm.forward(&ys).map(Some)
     }
 
-    /// Moves the four projections to the bf16 kernel (see [`Linear::pack_bf16`]).
-    pub fn pack_bf16(&mut self) -> Result<()> {
+    /// Moves the four projections to a packed kernel (see [`Linear::pack`]).
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
         for linear in [
             &mut self.query,
             &mut self.key,
             &mut self.value,
             &mut self.dense,
         ] {
-            linear.pack_bf16()?;
+            linear.pack(packing)?;
         }
         Ok(())
     }
@@ -220,10 +220,10 @@ impl BertFeedForward {
             .forward(&self.output.forward_with(&h, None, Some(xs))?)
     }
 
-    /// Moves both projections to the bf16 kernel (see [`Linear::pack_bf16`]).
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.intermediate.pack_bf16()?;
-        self.output.pack_bf16()
+    /// Moves both projections to a packed kernel (see [`Linear::pack`]).
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.intermediate.pack(packing)?;
+        self.output.pack(packing)
     }
 }
 
@@ -260,13 +260,13 @@ impl BertLayer {
         })
     }
 
-    /// Moves every linear layer of the layer to the bf16 kernel.
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.attention.pack_bf16()?;
+    /// Moves every linear layer of the layer to a packed kernel.
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.attention.pack(packing)?;
         if let Some(cross) = &mut self.crossattention {
-            cross.pack_bf16()?;
+            cross.pack(packing)?;
         }
-        self.ffn.pack_bf16()
+        self.ffn.pack(packing)
     }
 }
 
@@ -306,9 +306,9 @@ impl TextEncoder {
         })
     }
 
-    /// Moves every layer's linear layers to the bf16 kernel; embeddings stay f32.
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(BertLayer::pack_bf16)
+    /// Moves every layer's linear layers to a packed kernel; embeddings stay f32.
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.pack(packing))
     }
 
     /// The embedding output (B, L, H), before any layer.
@@ -367,10 +367,10 @@ impl LmHead {
         self.decoder.forward(&self.norm.forward(&xs)?)
     }
 
-    /// Moves the transform and the tied output projection to the bf16 kernel.
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.dense.pack_bf16()?;
-        self.decoder.pack_bf16()
+    /// Moves the transform and the tied output projection to a packed kernel.
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.dense.pack(packing)?;
+        self.decoder.pack(packing)
     }
 }
 
@@ -456,10 +456,10 @@ impl TextDecoder {
         })
     }
 
-    /// Moves every linear layer and the LM head to the bf16 kernel; embeddings stay f32.
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(BertLayer::pack_bf16)?;
-        self.head.pack_bf16()
+    /// Moves every linear layer and the LM head to a packed kernel; embeddings stay f32.
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.pack(packing))?;
+        self.head.pack(packing)
     }
 
     /// Teacher-forced logits (B, L, vocab) for ids (B, L) with 0/1 mask, attending to

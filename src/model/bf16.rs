@@ -18,8 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::config::Activation;
-use super::nn::activation_value;
+use super::packed::{Epilogue, SharedOut, Sink, Span};
 
 /// Output columns per packed panel and microkernel tile: two 16-lane vectors.
 pub const NR: usize = 32;
@@ -95,15 +94,6 @@ impl PackedBf16 {
     }
 }
 
-/// What happens to each output tile after the matmul: `act(x·Wᵀ + bias) + residual`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Epilogue<'a> {
-    /// Activation applied after the bias, if any.
-    pub act: Option<Activation>,
-    /// Row-major (rows × out_dim) values added last, if any.
-    pub residual: Option<&'a [f32]>,
-}
-
 /// Computes `epilogue(xs · Wᵀ + b)` for row-major `xs` (rows × in_dim) into a new row-major
 /// (rows × out_dim) vector.
 ///
@@ -130,7 +120,12 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
     let mut out = vec![0f32; rows * w.out_dim];
     let row_tasks = rows.div_ceil(TASK_ROWS);
     let col_tasks = w.out_dim.div_ceil(TASK_COLS);
-    let dst = SharedOut(out.as_mut_ptr());
+    let sink = Sink {
+        dst: SharedOut(out.as_mut_ptr()),
+        out_dim: w.out_dim,
+        bias: w.bias.as_deref(),
+        epilogue,
+    };
     (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
         let block = Block {
             row0: (task / col_tasks) * TASK_ROWS,
@@ -139,16 +134,10 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
         };
         // SAFETY: the CPU check above holds; each task writes only its own rows × columns
         // block of `out`, which is rows × out_dim long and outlives the parallel loop.
-        unsafe { run_block(&a, w, &block, &epilogue, &dst) };
+        unsafe { run_block(&a, w, &block, &sink) };
     });
     out
 }
-
-/// The output pointer, shared by tasks that write disjoint blocks.
-struct SharedOut(*mut f32);
-
-// SAFETY: tasks write disjoint blocks through the pointer (see `matmul`).
-unsafe impl Sync for SharedOut {}
 
 /// One parallel work item: `TASK_ROWS` rows from `row0` and `TASK_COLS` columns from `col0`,
 /// clipped to the matrix.
@@ -193,8 +182,8 @@ fn round_row_scalar(src: &[f32], dst: &mut [u32]) {
 
 /// # Safety
 /// The CPU has the features [`available`] checks; `block` lies within the matrix that
-/// `dst` points to (rows × out_dim) and no other thread writes it.
-unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, ep: &Epilogue, dst: &SharedOut) {
+/// `sink.dst` points to (rows × out_dim) and no other thread writes it.
+unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
     let pairs = w.pairs();
     let row_end = (block.row0 + TASK_ROWS).min(block.rows);
     let col_end = (block.col0 + TASK_COLS).min(w.out_dim);
@@ -215,38 +204,7 @@ unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, ep: &Epilogue, dst
                 cols: (col_end - col).min(NR),
             };
             // SAFETY: forwarded from the caller: the span lies in this task's block.
-            unsafe { write_tile(&tile, &out, w, ep, dst) };
-        }
-    }
-}
-
-/// Where a computed tile goes in the output.
-struct Span {
-    row: usize,
-    col: usize,
-    rows: usize,
-    cols: usize,
-}
-
-/// # Safety
-/// `span` lies within the rows × out_dim output behind `dst`, written by no other thread.
-unsafe fn write_tile(tile: &[f32], span: &Span, w: &PackedBf16, ep: &Epilogue, dst: &SharedOut) {
-    let n = w.out_dim;
-    for r in 0..span.rows {
-        let at = (span.row + r) * n + span.col;
-        // SAFETY: `at .. at + cols` is inside the output and owned by this task.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), span.cols) };
-        out.copy_from_slice(&tile[r * NR..][..span.cols]);
-        if let Some(b) = &w.bias {
-            out.iter_mut()
-                .zip(&b[span.col..])
-                .for_each(|(o, b)| *o += b);
-        }
-        if let Some(act) = ep.act {
-            out.iter_mut().for_each(|o| *o = activation_value(act, *o));
-        }
-        if let Some(res) = ep.residual {
-            out.iter_mut().zip(&res[at..]).for_each(|(o, r)| *o += r);
+            unsafe { sink.write(&tile, NR, &out) };
         }
     }
 }
@@ -318,6 +276,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::Activation;
+    use crate::model::nn::activation_value;
 
     fn bf16_round(v: f32) -> f32 {
         half::bf16::from_f32(v).to_f32()

@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::bert::BertLayer;
 use super::config::{BertConfig, FusionConfig, MaskConfig};
-use super::nn::additive_mask;
+use super::nn::{additive_mask, Packing};
 
 /// The live fusion layers with their schedule.
 #[derive(Debug, Clone)]
@@ -58,9 +58,9 @@ impl Fusion {
         })
     }
 
-    /// Moves every live layer's linear layers to the bf16 kernel.
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(BertLayer::pack_bf16)
+    /// Moves every live layer's linear layers to a packed kernel.
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.pack(packing))
     }
 
     /// Number of live layers.

@@ -15,7 +15,10 @@ pub mod config;
 pub mod fusion;
 pub mod generate;
 pub mod nn;
+pub mod packed;
+pub mod sgemm;
 pub mod vision;
+pub mod vmath;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,7 +35,8 @@ use bert::{first_token, TextDecoder, TextEncoder};
 use checkpoint::{is_ignored, is_ignored_always, read_tensors, TrackingBackend};
 use fusion::Fusion;
 use generate::{beam_search, SpecialTokens};
-use nn::{l2_normalize, Linear};
+use nn::{l2_normalize, Linear, Packing};
+use sgemm::Isa;
 use vision::{VisionAdapter, VisionTransformer};
 
 use crate::{Error, Result};
@@ -52,14 +56,15 @@ pub struct LoadSource<'a> {
 struct Precision {
     /// The dtype tensors are loaded and activations computed in.
     load: DType,
-    /// Whether linear layers then move to the packed bf16 kernel.
-    pack_bf16: bool,
+    /// The packed kernel linear layers then move to, if any.
+    packing: Option<Packing>,
 }
 
 /// Chooses the [`Precision`] for `dtype` on `device`. On the CPU, bf16 means bf16 linear
 /// weights with f32 activations (the AVX512-BF16 kernel in [`bf16`]); it is refused when the
 /// CPU lacks those instructions, and f16 is refused (no f16 kernel: without AVX512-FP16 it
-/// could not beat f32). Other devices compute in `dtype` throughout.
+/// could not beat f32). f32 uses the packed f32 kernel ([`sgemm`]) where the CPU has one.
+/// Other devices compute in `dtype` throughout.
 fn precision(device: &Device, dtype: DType) -> Result<Precision> {
     let refuse = |reason: &str| Error::UnsupportedDtype {
         dtype: format!("{dtype:?}").to_lowercase(),
@@ -69,21 +74,25 @@ fn precision(device: &Device, dtype: DType) -> Result<Precision> {
     if !device.is_cpu() {
         return Ok(Precision {
             load: dtype,
-            pack_bf16: false,
+            packing: None,
         });
     }
     match dtype {
         DType::BF16 if bf16::available() => Ok(Precision {
             load: DType::F32,
-            pack_bf16: true,
+            packing: Some(Packing::Bf16),
         }),
         DType::BF16 => Err(refuse(
             "this CPU lacks the avx512_bf16 instructions the bf16 kernel needs; use f32",
         )),
         DType::F16 => Err(refuse("the CPU backend has no f16 kernel; use bf16 or f32")),
+        DType::F32 => Ok(Precision {
+            load: dtype,
+            packing: Isa::detect().map(Packing::F32),
+        }),
         _ => Ok(Precision {
             load: dtype,
-            pack_bf16: false,
+            packing: None,
         }),
     }
 }
@@ -178,7 +187,9 @@ pub struct Mplug {
 impl Mplug {
     /// Loads a checkpoint (`.pth`, `.bin` or `.safetensors`, by content) with its JSON config.
     /// On the CPU, `DType::BF16` keeps activations in f32 and runs every linear layer on the
-    /// packed bf16 kernel (see [`Self::pack_bf16`]); `DType::F16` is refused.
+    /// packed bf16 kernel (see [`Self::pack_bf16`]); `DType::F16` is refused; `DType::F32`
+    /// runs linear layers on the packed f32 kernel where the CPU has one and the config does
+    /// not ask for differentiable ops (see [`Self::pack_f32`]).
     /// Errors: [`Error::Io`]/[`Error::Config`] for the config, [`Error::Checkpoint`] for an
     /// unreadable file, [`Error::MissingTensor`]/[`Error::TensorShape`] naming the tensor, the
     /// expected shape and the file, [`Error::UnsupportedDtype`] for a dtype the device cannot
@@ -228,8 +239,10 @@ impl Mplug {
         let names: Vec<String> = source.tensors.keys().cloned().collect();
         let backend = TrackingBackend::new(Arc::new(source.tensors), source.path);
         let mut model = Self::from_backend(&cfg, tasks, &backend, device, precision.load)?;
-        if precision.pack_bf16 {
-            model.pack_bf16()?;
+        match precision.packing {
+            Some(Packing::Bf16) => model.pack_bf16()?,
+            Some(Packing::F32(isa)) if !cfg.differentiable => model.pack_f32(isa)?,
+            _ => {}
         }
 
         let mut report = LoadReport {
@@ -329,23 +342,45 @@ impl Mplug {
                 reason: "the bf16 kernel needs an f32 CPU model and avx512_bf16".into(),
             });
         }
-        self.vision.pack_bf16()?;
+        self.pack_linears(Packing::Bf16)
+    }
+
+    /// Moves every linear layer (as [`Self::pack_bf16`] does) to the packed f32 kernel for
+    /// `isa`: weights packed once for its microkernel, the unpacked copy released, so the
+    /// model holds one f32 copy of each weight (the LM head's tied word embeddings excepted:
+    /// the embedding table keeps its own). The model then runs inference only. [`Self::load`]
+    /// does this for `DType::F32` on the CPU. Errors with [`Error::UnsupportedDtype`] when
+    /// the CPU lacks `isa`'s instructions or the model is not f32 on the CPU.
+    pub fn pack_f32(&mut self, isa: Isa) -> Result<()> {
+        if !isa.supported() || !self.vision.is_cpu_f32() {
+            return Err(Error::UnsupportedDtype {
+                dtype: "f32".into(),
+                device: "cpu".into(),
+                reason: format!("the packed f32 kernel needs an f32 CPU model and {isa:?}"),
+            });
+        }
+        self.pack_linears(Packing::F32(isa))
+    }
+
+    /// Moves every linear layer of every loaded module to `packing`'s kernel.
+    fn pack_linears(&mut self, packing: Packing) -> Result<()> {
+        self.vision.pack(packing)?;
         if let Some(a) = &mut self.adapter {
-            a.pack_bf16()?;
+            a.pack(packing)?;
         }
         if let Some(t) = &mut self.text {
-            t.pack_bf16()?;
+            t.pack(packing)?;
         }
         if let Some(f) = &mut self.fusion {
-            f.pack_bf16()?;
+            f.pack(packing)?;
         }
         if let Some(h) = &mut self.heads {
             for linear in [&mut h.vision_proj, &mut h.text_proj, &mut h.itm_head] {
-                linear.pack_bf16()?;
+                linear.pack(packing)?;
             }
         }
         if let Some(d) = &mut self.decoder {
-            d.pack_bf16()?;
+            d.pack(packing)?;
         }
         Ok(())
     }

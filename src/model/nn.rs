@@ -9,14 +9,16 @@ use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, Layout, Module, Result, Shape,
-    Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, InplaceOp1, InplaceOp2, Layout, Module,
+    Result, Shape, Tensor, D,
 };
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use super::bf16::{Epilogue, PackedBf16};
+use super::bf16::PackedBf16;
 use super::config::Activation;
+use super::packed::Epilogue;
+use super::sgemm::{Isa, PackedF32};
 
 /// Initialisation used when a [`VarBuilder`] creates fresh variables (training from scratch).
 pub const WEIGHT_INIT: Init = Init::Randn {
@@ -24,15 +26,58 @@ pub const WEIGHT_INIT: Init = Init::Randn {
     stdev: 0.02,
 };
 
+/// Which packed kernel [`Linear::pack`] moves a layer to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// Weights rounded to bf16 for the AVX512-BF16 kernel ([`super::bf16`]); the f32 weight
+    /// tensor is kept (tied weights share it).
+    Bf16,
+    /// f32 weights for the given microkernel ([`super::sgemm`]); the weight tensor is
+    /// released, so the layer holds one copy of its weights.
+    F32(Isa),
+}
+
+/// A weight packed for one of the kernels.
+#[derive(Debug, Clone)]
+enum Packed {
+    Bf16(Arc<PackedBf16>),
+    F32(Arc<PackedF32>),
+}
+
+impl Packed {
+    fn out_dim(&self) -> usize {
+        match self {
+            Self::Bf16(p) => p.out_dim(),
+            Self::F32(p) => p.out_dim(),
+        }
+    }
+
+    fn in_dim(&self) -> usize {
+        match self {
+            Self::Bf16(p) => p.in_dim(),
+            Self::F32(p) => p.in_dim(),
+        }
+    }
+
+    fn matmul(&self, xs: &[f32], rows: usize, epilogue: Epilogue) -> Vec<f32> {
+        match self {
+            Self::Bf16(p) => super::bf16::matmul(xs, rows, p, epilogue),
+            Self::F32(p) => super::sgemm::matmul(xs, rows, p, epilogue),
+        }
+    }
+}
+
 /// `y = x Wᵀ + b` over the last dimension of an input of any rank.
 ///
-/// After [`Linear::pack_bf16`] the weight is held as packed bf16 and inputs are rounded to
-/// bf16 per call (f32 accumulation, f32 in and out); see [`super::bf16`].
+/// After [`Linear::pack`] the weight is held packed for a CPU kernel: bf16 (inputs rounded
+/// to bf16 per call, f32 accumulation, f32 in and out; see [`super::bf16`]) or f32 (see
+/// [`super::sgemm`]). Packed layers run without a backward pass.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    /// The (out, in) weight; `None` once only the packed f32 copy is kept.
+    weight: Option<Tensor>,
     bias: Option<Tensor>,
-    packed: Option<Arc<PackedBf16>>,
+    packed: Option<Packed>,
 }
 
 impl Linear {
@@ -50,37 +95,75 @@ impl Linear {
     /// Builds the layer from tensors already at hand.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: Some(weight),
             bias,
             packed: None,
         }
     }
 
-    /// Switches the layer to the bf16 kernel: rounds the weight to bf16 once and packs it.
-    /// The f32 weight is kept (tied weights share it). Errors when the weight is not an f32
-    /// CPU tensor; the caller checks [`super::bf16::available`] first.
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+    /// Switches the layer to a packed kernel (see [`Packing`]); packing again repacks from
+    /// the same values. Errors when the weight is not a CPU tensor, or for [`Packing::F32`]
+    /// when it is not f32; the caller checks that the CPU has the kernel's instructions.
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        if let (Packing::F32(_), Some(w)) = (packing, &self.weight) {
+            if !w.device().is_cpu() || w.dtype() != DType::F32 {
+                return Err(candle_core::Error::Msg(format!(
+                    "the f32 kernel needs an f32 CPU weight, not {:?}",
+                    w.dtype()
+                )));
+            }
+        }
+        let (weight, out_dim, in_dim) = self.weight_values()?;
         if in_dim == 0 || out_dim == 0 {
             return Ok(());
         }
-        let weight = self
-            .weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
         let bias = match &self.bias {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let packed = PackedBf16::pack(&weight, out_dim, in_dim, bias);
-        self.packed = Some(Arc::new(packed));
+        self.packed = Some(match packing {
+            Packing::Bf16 => {
+                if self.weight.is_none() {
+                    let shape = (out_dim, in_dim);
+                    self.weight = Some(Tensor::from_vec(weight.clone(), shape, &Device::Cpu)?);
+                }
+                Packed::Bf16(Arc::new(PackedBf16::pack(&weight, out_dim, in_dim, bias)))
+            }
+            Packing::F32(isa) => {
+                self.weight = None;
+                let packed = PackedF32::pack(&weight, out_dim, in_dim, bias, isa);
+                Packed::F32(Arc::new(packed))
+            }
+        });
         Ok(())
     }
 
+    /// The weight as row-major f32 values with its (out, in) dims, from the tensor or the
+    /// packed f32 copy.
+    fn weight_values(&self) -> Result<(Vec<f32>, usize, usize)> {
+        match (&self.weight, &self.packed) {
+            (Some(w), _) => {
+                let (out_dim, in_dim) = w.dims2()?;
+                let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok((values, out_dim, in_dim))
+            }
+            (None, Some(Packed::F32(p))) => Ok((p.unpack(), p.out_dim(), p.in_dim())),
+            (None, _) => Err(no_weights()),
+        }
+    }
+
+    /// Output features.
+    fn out_dim(&self) -> Result<usize> {
+        match (&self.packed, &self.weight) {
+            (Some(p), _) => Ok(p.out_dim()),
+            (None, Some(w)) => w.dim(0),
+            (None, None) => Err(no_weights()),
+        }
+    }
+
     /// `act(x Wᵀ + b) + residual` with the bias, activation and residual applied in one pass
-    /// over the output where possible (untracked f32 CPU tensors); otherwise composed of
-    /// differentiable ops. `residual` has the output's shape.
+    /// over the output where possible (packed kernels, untracked f32 CPU tensors); otherwise
+    /// composed of differentiable ops. `residual` has the output's shape.
     pub fn forward_with(
         &self,
         xs: &Tensor,
@@ -92,23 +175,25 @@ impl Linear {
         let rows = xs.elem_count() / in_dim.max(1);
         let mut out = dims;
         let last = out.len() - 1;
-        out[last] = self.weight.dim(0)?;
+        out[last] = self.out_dim()?;
         let flat = xs.reshape((rows, in_dim))?;
         let residual = residual.map(|r| r.reshape((rows, out[last]))).transpose()?;
-        let ys = match &self.packed {
-            Some(p) => bf16_linear(p, &flat, act, residual.as_ref())?,
-            None => self.f32_linear(&flat, act, residual.as_ref())?,
+        let ys = match (&self.packed, &self.weight) {
+            (Some(p), _) => packed_linear(p, &flat, act, residual.as_ref())?,
+            (None, Some(w)) => self.f32_linear(w, &flat, act, residual.as_ref())?,
+            (None, None) => return Err(no_weights()),
         };
         ys.reshape(out)
     }
 
     fn f32_linear(
         &self,
+        weight: &Tensor,
         xs: &Tensor,
         act: Option<Activation>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let ys = xs.matmul(&self.weight.t()?)?;
+        let ys = xs.matmul(&weight.t()?)?;
         let fusable = ys.device().is_cpu() && ys.dtype() == DType::F32 && !ys.track_op();
         let bias_fusable = self.bias.as_ref().is_none_or(|b| !b.track_op());
         if fusable && bias_fusable && residual.is_none_or(|r| !r.track_op()) {
@@ -144,14 +229,20 @@ impl Module for Linear {
     }
 }
 
-/// Runs the bf16 kernel on (rows, in) f32 `xs`, with an optional (rows, out) residual.
-fn bf16_linear(
-    packed: &Arc<PackedBf16>,
+/// The error of a [`Linear`] left with neither a weight tensor nor a packed f32 weight (a
+/// state its methods never produce).
+fn no_weights() -> candle_core::Error {
+    candle_core::Error::Msg("linear layer without weights".into())
+}
+
+/// Runs a packed kernel on (rows, in) `xs` (as f32), with an optional (rows, out) residual.
+fn packed_linear(
+    packed: &Packed,
     xs: &Tensor,
     act: Option<Activation>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let op = Bf16Linear {
+    let op = PackedLinear {
         packed: packed.clone(),
         act,
     };
@@ -176,46 +267,45 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &'static str) -> 
     Ok(&data[start..end])
 }
 
-/// The packed bf16 matmul as a candle op on (rows, in) inputs; the second operand, when
-/// present, is the residual.
-struct Bf16Linear {
-    packed: Arc<PackedBf16>,
+/// A packed matmul as a candle op on (rows, in) inputs; the second operand, when present,
+/// is the residual.
+struct PackedLinear {
+    packed: Packed,
     act: Option<Activation>,
 }
 
-impl Bf16Linear {
+impl PackedLinear {
     fn run(&self, xs: &[f32], residual: Option<&[f32]>, rows: usize) -> Result<CpuStorage> {
         let (n, k) = (self.packed.out_dim(), self.packed.in_dim());
         if xs.len() != rows * k || residual.is_some_and(|r| r.len() != rows * n) {
             return Err(candle_core::Error::Msg(format!(
-                "bf16 linear expects ({rows}, {k}) inputs and ({rows}, {n}) residuals"
+                "packed linear expects ({rows}, {k}) inputs and ({rows}, {n}) residuals"
             )));
         }
         let epilogue = Epilogue {
             act: self.act,
             residual,
         };
-        let ys = super::bf16::matmul(xs, rows, &self.packed, epilogue);
-        Ok(CpuStorage::F32(ys))
+        Ok(CpuStorage::F32(self.packed.matmul(xs, rows, epilogue)))
     }
 }
 
-impl CustomOp1 for Bf16Linear {
+impl CustomOp1 for PackedLinear {
     fn name(&self) -> &'static str {
-        "bf16-linear"
+        "packed-linear"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let xs = f32_slice(storage, layout, "bf16-linear")?;
+        let xs = f32_slice(storage, layout, "packed-linear")?;
         let rows = layout.dims()[0];
         let shape = Shape::from((rows, self.packed.out_dim()));
         Ok((self.run(xs, None, rows)?, shape))
     }
 }
 
-impl CustomOp2 for Bf16Linear {
+impl CustomOp2 for PackedLinear {
     fn name(&self) -> &'static str {
-        "bf16-linear-residual"
+        "packed-linear-residual"
     }
 
     fn cpu_fwd(
@@ -225,8 +315,8 @@ impl CustomOp2 for Bf16Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = f32_slice(s1, l1, "bf16-linear-residual")?;
-        let residual = f32_slice(s2, l2, "bf16-linear-residual")?;
+        let xs = f32_slice(s1, l1, "packed-linear-residual")?;
+        let residual = f32_slice(s2, l2, "packed-linear-residual")?;
         let rows = l1.dims()[0];
         let shape = Shape::from((rows, self.packed.out_dim()));
         Ok((self.run(xs, Some(residual), rows)?, shape))
@@ -524,6 +614,40 @@ mod tests {
             let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "{act:?} differs by {diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_f32_linear_matches_candle_path() -> Result<()> {
+        let Some(isa) = Isa::detect() else {
+            eprintln!("skipped: this CPU has no packed f32 kernel");
+            return Ok(());
+        };
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.2, (37, 29), &dev)?;
+        let bias = Tensor::randn(0f32, 0.2, 37, &dev)?;
+        let xs = Tensor::randn(0f32, 1.0, (2, 7, 29), &dev)?;
+        let residual = Tensor::randn(0f32, 1.0, (2, 7, 37), &dev)?;
+        let plain = Linear::from_tensors(weight, Some(bias));
+        let mut packed = plain.clone();
+        packed.pack(Packing::F32(isa))?;
+        assert!(packed.weight.is_none(), "packing f32 keeps one copy");
+        for (act, res) in [(None, Some(&residual)), (Some(Activation::QuickGelu), None)] {
+            let want = plain.forward_with(&xs, act, res)?;
+            let got = packed.forward_with(&xs, act, res)?;
+            assert_eq!(got.dims(), [2, 7, 37]);
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{act:?}: packed differs by {diff}");
+        }
+        // Packing for bf16 afterwards restores the weight tensor from the packed values.
+        packed.pack(Packing::Bf16)?;
+        let restored = packed.weight.as_ref().expect("bf16 keeps the tensor");
+        let original = plain.weight.as_ref().expect("unpacked");
+        let diff = (restored - original)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::attend::fused_attention;
 use super::config::{AdapterConfig, VisionConfig};
-use super::nn::{attention, split_heads, LayerNorm, Linear};
+use super::nn::{attention, split_heads, LayerNorm, Linear, Packing};
 
 /// Multi-head self-attention with packed q/k/v (`nn.MultiheadAttention` layout).
 ///
@@ -60,10 +60,10 @@ impl VisionAttention {
         self.out_proj.forward_with(&ys, None, residual)
     }
 
-    /// Moves both projections to the bf16 kernel (see [`Linear::pack_bf16`]).
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.in_proj.pack_bf16()?;
-        self.out_proj.pack_bf16()
+    /// Moves both projections to a packed kernel (see [`Linear::pack`]).
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.in_proj.pack(packing)?;
+        self.out_proj.pack(packing)
     }
 }
 
@@ -107,11 +107,11 @@ impl VisionBlock {
         self.c_proj.forward_with(&h, None, Some(&xs))
     }
 
-    /// Moves the block's linear layers to the bf16 kernel (see [`Linear::pack_bf16`]).
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.attn.pack_bf16()?;
-        self.c_fc.pack_bf16()?;
-        self.c_proj.pack_bf16()
+    /// Moves the block's linear layers to a packed kernel (see [`Linear::pack`]).
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.attn.pack(packing)?;
+        self.c_fc.pack(packing)?;
+        self.c_proj.pack(packing)
     }
 }
 
@@ -190,9 +190,9 @@ impl VisionTransformer {
         self.patch_weight.device().is_cpu() && self.patch_weight.dtype() == candle_core::DType::F32
     }
 
-    /// Moves every block's linear layers to the bf16 kernel; the patch embedding stays f32.
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.blocks.iter_mut().try_for_each(VisionBlock::pack_bf16)
+    /// Moves every block's linear layers to a packed kernel; the patch embedding stays f32.
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.blocks.iter_mut().try_for_each(|b| b.pack(packing))
     }
 
     /// (B, 3, R, R) pixels → (B, L, W) tokens after `ln_post`.
@@ -240,9 +240,9 @@ impl VisionAdapter {
         self.norm.forward(&self.fc.forward(xs)?)
     }
 
-    /// Moves the projection to the bf16 kernel (see [`Linear::pack_bf16`]).
-    pub fn pack_bf16(&mut self) -> Result<()> {
-        self.fc.pack_bf16()
+    /// Moves the projection to a packed kernel (see [`Linear::pack`]).
+    pub fn pack(&mut self, packing: Packing) -> Result<()> {
+        self.fc.pack(packing)
     }
 }
 

@@ -1,0 +1,78 @@
+//! What the packed-weight GEMMs ([`super::bf16`] and [`super::sgemm`]) share: the epilogue
+//! that turns a finished tile of `x·Wᵀ` into output values, and the pointer through which
+//! parallel tasks write their disjoint blocks of the output.
+
+#![expect(
+    unsafe_code,
+    reason = "parallel tasks write disjoint blocks of one output through a raw pointer"
+)]
+
+use super::config::Activation;
+use super::nn::activation_value;
+
+/// What happens to each output tile after the matmul: `act(x·Wᵀ + bias) + residual`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Activation applied after the bias, if any.
+    pub act: Option<Activation>,
+    /// Row-major (rows × out_dim) values added last, if any.
+    pub residual: Option<&'a [f32]>,
+}
+
+/// The output pointer, shared by tasks that write disjoint blocks.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+
+// SAFETY: tasks write disjoint blocks through the pointer; every user documents its split.
+unsafe impl Sync for SharedOut {}
+
+/// Where a computed tile goes in the output: `rows` × `cols` values from (`row`, `col`).
+pub(crate) struct Span {
+    pub(crate) row: usize,
+    pub(crate) col: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+/// The destination of finished tiles: a row-major (rows × `out_dim`) output, the layer's
+/// bias and the call's epilogue.
+pub(crate) struct Sink<'a> {
+    pub(crate) dst: SharedOut,
+    pub(crate) out_dim: usize,
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) epilogue: Epilogue<'a>,
+}
+
+impl Sink<'_> {
+    /// Writes `act(tile + bias) + residual` for `span`, reading the tile row-major with
+    /// `stride` values per row. Only writes the output; never reads it.
+    ///
+    /// # Safety
+    /// `span` lies within the output behind `dst`, which no other thread writes there.
+    pub(crate) unsafe fn write(&self, tile: &[f32], stride: usize, span: &Span) {
+        let n = self.out_dim;
+        for r in 0..span.rows {
+            let at = (span.row + r) * n + span.col;
+            let src = &tile[r * stride..][..span.cols];
+            // SAFETY: `at .. at + cols` is inside the output and owned by this task; the
+            // copy initialises it before the slice is formed.
+            let out = unsafe {
+                let dst = self.dst.0.add(at);
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, span.cols);
+                std::slice::from_raw_parts_mut(dst, span.cols)
+            };
+            if let Some(b) = self.bias {
+                out.iter_mut()
+                    .zip(&b[span.col..])
+                    .for_each(|(o, b)| *o += b);
+            }
+            match self.epilogue.act {
+                Some(Activation::QuickGelu) => super::vmath::quick_gelu(out),
+                Some(act) => out.iter_mut().for_each(|o| *o = activation_value(act, *o)),
+                None => {}
+            }
+            if let Some(res) = self.epilogue.residual {
+                out.iter_mut().zip(&res[at..]).for_each(|(o, r)| *o += r);
+            }
+        }
+    }
+}

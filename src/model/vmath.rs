@@ -1,0 +1,241 @@
+//! Row-wise maths of the inference kernels (the attention softmax, the QuickGELU epilogue of
+//! linear layers) on AVX2 with FMA: `exp` as a branch-free polynomial the compiler turns into
+//! 8-lane vector code, sums and maxima kept in 8 partial lanes. CPUs without AVX2 and FMA
+//! keep the scalar code of [`super::nn::activation_value`] and `f32::exp`.
+//!
+//! The polynomial `exp` is within 2 ulp of the correctly rounded value over the f32 range
+//! (Cody-Waite reduction by ln 2, a degree-6 minimax polynomial on [-ln2/2, ln2/2]).
+
+#![expect(
+    unsafe_code,
+    reason = "AVX2 code paths are target_feature functions, called after a CPU check"
+)]
+
+use super::config::Activation;
+use super::nn::activation_value;
+
+/// Below this, `exp` underflows to zero (the smallest normal f32 is e^-87.34).
+const EXP_MIN: f32 = -87.336_55;
+
+/// Above this, `exp` overflows to infinity.
+const EXP_MAX: f32 = 88.722_83;
+
+/// Lanes of partial sums and maxima: one 256-bit register.
+const LANES: usize = 8;
+
+/// `e^x` from a polynomial: NaN for NaN, 0 below [`EXP_MIN`], infinity above [`EXP_MAX`].
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let c = x.clamp(EXP_MIN, EXP_MAX);
+    let n = (c * std::f32::consts::LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, c));
+    let p = 1.987_569_1e-4f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 0.5);
+    let p = (p * r).mul_add(r, r) + 1.0;
+    // 2^n for n in [-126, 128], split in two so the exponent field never overflows.
+    let half = (n * 0.5).floor();
+    let y = p * pow2(half) * pow2(n - half);
+    if x.is_nan() {
+        x
+    } else if x < EXP_MIN {
+        0.0
+    } else if x > EXP_MAX {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// `2^e` for an integral `e` in [-126, 127], by integer arithmetic on the bits: adding
+/// 1.5 · 2^23 leaves `e` in the low mantissa bits.
+#[inline(always)]
+fn pow2(e: f32) -> f32 {
+    const SHIFTER: f32 = 12_582_912.0;
+    let bits = (e + SHIFTER)
+        .to_bits()
+        .wrapping_sub(SHIFTER.to_bits() - 127);
+    f32::from_bits(bits << 23)
+}
+
+/// Whether the vector paths may run.
+fn vectorised() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// QuickGELU in place: `x · sigmoid(1.702 x)`.
+pub fn quick_gelu(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if vectorised() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::quick_gelu(xs) };
+    }
+    xs.iter_mut()
+        .for_each(|x| *x = activation_value(Activation::QuickGelu, *x));
+}
+
+/// Adds the additive `mask` (same length) if given, then a softmax in place:
+/// `exp(x - max) / sum`.
+pub fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if vectorised() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::softmax(row, mask) };
+    }
+    softmax_scalar(row, mask);
+}
+
+/// [`softmax`] in scalar code.
+fn softmax_scalar(row: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(m) = mask {
+        row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    row.iter_mut().for_each(|x| *x /= sum);
+}
+
+/// The bodies of the vector paths, written for the compiler to vectorise.
+#[inline(always)]
+fn quick_gelu_body(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x /= exp(-1.702 * *x) + 1.0;
+    }
+}
+
+#[inline(always)]
+fn softmax_body(row: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(m) = mask {
+        row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
+    }
+    let mut maxima = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, x) in maxima.iter_mut().zip(chunk) {
+            *m = m.max(*x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxima)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+
+    for x in row.iter_mut() {
+        *x = exp(*x - max);
+    }
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk) {
+            *s += x;
+        }
+    }
+    let sum: f32 = chunks.remainder().iter().chain(&sums).sum();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quick_gelu(xs: &mut [f32]) {
+        super::quick_gelu_body(xs);
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
+        super::softmax_body(row, mask);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_over_the_range() {
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x < 88.5 {
+            let want = (x as f64).exp() as f32;
+            let got = exp(x);
+            worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
+            x += 0.000_37;
+        }
+        assert!(worst <= 2, "worst error {worst} ulp");
+    }
+
+    #[test]
+    fn exp_edges() {
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+        let top = exp(88.7);
+        let want = (88.7f32 as f64).exp() as f32;
+        assert!(
+            top.is_finite() && (top / want - 1.0).abs() < 1e-6,
+            "{top} vs {want}"
+        );
+    }
+
+    #[test]
+    fn quick_gelu_matches_scalar() {
+        let mut xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) * 0.037).collect();
+        xs.extend([60.0, -60.0, 0.0, -0.0]);
+        let want: Vec<f32> = xs
+            .iter()
+            .map(|&x| activation_value(Activation::QuickGelu, x))
+            .collect();
+        quick_gelu(&mut xs);
+        for (g, w) in xs.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "got {g}, want {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_scalar_with_mask() {
+        for len in [1, 7, 8, 9, 577] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 11) as f32 * 0.9 - 4.0)
+                .collect();
+            let mask: Vec<f32> = (0..len)
+                .map(|i| if i % 5 == 3 { -10000.0 } else { 0.0 })
+                .collect();
+            let (mut got, mut want) = (row.clone(), row);
+            softmax(&mut got, Some(&mask));
+            softmax_scalar(&mut want, Some(&mask));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-6, "len {len}: got {g}, want {w}");
+            }
+            let sum: f32 = got.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "len {len}: sum {sum}");
+        }
+    }
+}
