@@ -1,6 +1,7 @@
 //! Inserting: nodes of a batch are written first, then linked in parallel, each by greedy
 //! descent, a beam of `ef_construction` per level, the neighbour selection heuristic and
-//! bidirectional links that prune the neighbour's list when it is full. A batch ends by
+//! bidirectional links, written from the base level up, that prune the neighbour's list
+//! when it is full. A batch ends by
 //! relinking the nodes that pruning left unreachable (see `reach`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -85,7 +86,8 @@ impl Hnsw {
         }
     }
 
-    /// Links a written node into the graph.
+    /// Links a written node into the graph: chooses its neighbours on every level from the
+    /// top down, then writes the lists from the base level up (see [`Hnsw::publish`]).
     fn link(&self, context: &mut Context, node: u32) {
         let level = self.level(node);
         let Some((entry, top)) = self.entry_or_claim(node, level) else {
@@ -100,7 +102,10 @@ impl Hnsw {
             nearest = self.greedy(context, query, nearest, layer);
         }
 
+        let mut chosen = std::mem::take(&mut context.chosen);
+        chosen.resize_with(level.min(top) + 1, Vec::new);
         for layer in (0..=level.min(top)).rev() {
+            chosen[layer].clear();
             let ef = self.shape.ef_construction;
             self.search_layer(context, query, nearest, ef, layer, None);
             context.sort_results();
@@ -108,27 +113,41 @@ impl Hnsw {
             let Some(&closest) = context.sorted.first() else {
                 continue;
             };
-            let sorted = std::mem::take(&mut context.sorted);
-            self.select(&sorted, self.shape.max_connections, &mut context.selected);
-            context.sorted = sorted;
-
-            let selected = std::mem::take(&mut context.selected);
-            self.set_own_list(context, node, layer, &selected);
-            for neighbour in &selected {
-                self.connect(context, neighbour.node, node, neighbour.dist, layer);
-            }
-            context.selected = selected;
+            self.select(
+                &context.sorted,
+                self.shape.max_connections,
+                &mut chosen[layer],
+            );
             nearest = closest;
         }
 
+        self.publish(context, node, &chosen);
+        context.chosen = chosen;
         if level > top {
             self.promote(node, level);
         }
     }
 
-    /// Writes the list of the node being inserted. Other inserts may already have linked
-    /// themselves into it (through the node's upper levels, which are written first); those
-    /// links are kept, pruned with the heuristic when the list would overflow.
+    /// Writes the lists of `node` and the links back to it, level by level from the base
+    /// up. Other inserts reach a node on a level only through links written here, so by
+    /// then its lists on every lower level are in place: a search that descends to it never
+    /// continues from an empty base-level list, which would leave the inserting node with
+    /// that single far neighbour.
+    fn publish(&self, context: &mut Context, node: u32, chosen: &[Vec<Scored>]) {
+        for (layer, selected) in chosen.iter().enumerate() {
+            if selected.is_empty() {
+                continue;
+            }
+            self.set_own_list(context, node, layer, selected);
+            for neighbour in selected {
+                self.connect(context, neighbour.node, node, neighbour.dist, layer);
+            }
+        }
+    }
+
+    /// Writes the list of the node being inserted. Links that other inserts already added to
+    /// it are kept, pruned with the heuristic when the list would overflow (none are expected,
+    /// as [`Hnsw::publish`] writes this list before any link into the node on this level).
     fn set_own_list(&self, context: &mut Context, node: u32, layer: usize, selected: &[Scored]) {
         let _guard = self.locks[node as usize].lock();
         let list = self.links(node, layer);

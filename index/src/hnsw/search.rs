@@ -54,6 +54,8 @@ pub(super) struct Context {
     /// Sorted candidates and selected neighbours while inserting.
     pub sorted: Vec<Scored>,
     pub selected: Vec<Scored>,
+    /// Neighbours chosen per level for the node being inserted, before they are written.
+    pub chosen: Vec<Vec<Scored>>,
 }
 
 impl Context {

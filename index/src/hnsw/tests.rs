@@ -162,6 +162,30 @@ fn recall_against_brute_force_and_every_node_finds_itself() {
     );
 }
 
+/// A node that descends to a neighbour still being linked must not start its base-level
+/// search from that neighbour's empty list: it would keep it as its only neighbour, and
+/// searches would rarely find it again.
+#[test]
+fn parallel_builds_give_every_node_a_full_base_list() {
+    let vectors = unit_vectors(3000, 1);
+    let floor = shape().max_connections / 2;
+    for round in 0..4 {
+        let graph = build(&vectors);
+        let mut list = Vec::new();
+        let short: Vec<(u32, usize)> = (0..vectors.len() as u32)
+            .filter_map(|node| {
+                list.clear();
+                graph.read_links(node, 0, &mut list);
+                (list.len() < floor).then_some((node, list.len()))
+            })
+            .collect();
+        assert!(
+            short.is_empty(),
+            "build {round}: nodes with fewer than {floor} base-level links: {short:?}"
+        );
+    }
+}
+
 #[test]
 fn filtered_search_returns_only_accepted_slots_with_good_recall() {
     let vectors = unit_vectors(2000, 3);
