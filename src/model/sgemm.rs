@@ -187,6 +187,21 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedF32, epilogue: Epilogue) -> Vec
             "residual length must be rows × out_dim"
         );
     }
+    // SAFETY: the CPU supports `w.isa`, checked above.
+    unsafe { matmul_with(xs, rows, w, epilogue, microkernel) }
+}
+
+/// [`matmul`] with the microkernel passed in and the lengths already checked.
+///
+/// # Safety
+/// `kernel` may be called for tiles of `w.isa`'s shape (see [`microkernel`]).
+unsafe fn matmul_with(
+    xs: &[f32],
+    rows: usize,
+    w: &PackedF32,
+    epilogue: Epilogue,
+    kernel: Kernel,
+) -> Vec<f32> {
     let len = rows * w.out_dim;
     let mut out = Vec::with_capacity(len);
     let sink = Sink {
@@ -208,9 +223,10 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedF32, epilogue: Epilogue) -> Vec
                 rows: (rows - row0).min(TASK_ROWS),
                 cols: (w.out_dim - col0).min(TASK_COLS),
             };
-            // SAFETY: the CPU check above holds; each task writes only its own block of the
-            // output, which has capacity for rows × out_dim values and outlives the loop.
-            unsafe { run_block(xs, w, &block, &sink, scratch) };
+            // SAFETY: `kernel` fits `w.isa` (the caller's promise); each task writes only its
+            // own block of the output, which has room for rows × out_dim values and outlives
+            // the loop.
+            unsafe { run_block(xs, w, &block, &sink, scratch, kernel) };
         });
     // SAFETY: the blocks tile the rows × out_dim output and each wrote every value of its
     // block (see `Sink::write`).
@@ -241,10 +257,20 @@ struct Tile {
     accumulate: bool,
 }
 
+/// A microkernel for one [`Isa`]'s tile shape.
+type Kernel = unsafe fn(Isa, &Tile);
+
 /// # Safety
-/// The CPU supports `w.isa`; `block` lies within the rows × out_dim output behind
-/// `sink.dst`, and no other thread writes it.
-unsafe fn run_block(xs: &[f32], w: &PackedF32, block: &Span, sink: &Sink, scratch: &mut Scratch) {
+/// `kernel` may be called for `w.isa`'s tiles; `block` lies within the rows × out_dim
+/// output behind `sink.dst`, and no other thread writes it.
+unsafe fn run_block(
+    xs: &[f32],
+    w: &PackedF32,
+    block: &Span,
+    sink: &Sink,
+    scratch: &mut Scratch,
+    kernel: Kernel,
+) {
     let (mr, nr, k) = (w.isa.mr(), w.isa.nr(), w.in_dim);
     let (tiles, panels) = (block.rows.div_ceil(mr), block.cols.div_ceil(nr));
     let ldc = panels * nr;
@@ -267,8 +293,8 @@ unsafe fn run_block(xs: &[f32], w: &PackedF32, block: &Span, sink: &Sink, scratc
                     accumulate: p > 0,
                 };
                 // SAFETY: `a` reaches `rows` rows of kc values `k` apart inside `xs`; `b` is
-                // kc × nr; `c` an mr × nr tile of `sums`.
-                unsafe { microkernel(w.isa, &tile) };
+                // kc × nr; `c` an mr × nr tile of `sums`; `kernel` fits `w.isa`.
+                unsafe { kernel(w.isa, &tile) };
             }
         }
     }
@@ -370,6 +396,51 @@ mod x86 {
         #[inline(always)]
         unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
             _mm512_fmadd_ps(a, b, c)
+        }
+    }
+
+    /// Registers of `W` lanes emulated with plain arrays, so that tests run either tile
+    /// shape through the shared loop on any x86-64 CPU.
+    #[cfg(test)]
+    struct Emulated<const W: usize>;
+
+    #[cfg(test)]
+    impl<const W: usize> Lanes for Emulated<W> {
+        type V = [f32; W];
+        const WIDTH: usize = W;
+        unsafe fn zero() -> [f32; W] {
+            [0.0; W]
+        }
+        unsafe fn load(p: *const f32) -> [f32; W] {
+            // SAFETY: the caller passes W readable values.
+            unsafe { p.cast::<[f32; W]>().read_unaligned() }
+        }
+        unsafe fn store(p: *mut f32, v: [f32; W]) {
+            // SAFETY: the caller passes room for W values.
+            unsafe { p.cast::<[f32; W]>().write_unaligned(v) }
+        }
+        unsafe fn splat(x: f32) -> [f32; W] {
+            [x; W]
+        }
+        unsafe fn fmadd(a: [f32; W], b: [f32; W], c: [f32; W]) -> [f32; W] {
+            std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+        }
+    }
+
+    /// `isa`'s tile shape with emulated registers: the same loop as the real kernel.
+    ///
+    /// # Safety
+    /// The tile's pointers reach what `isa`'s kernel would read and write.
+    #[cfg(test)]
+    pub(super) unsafe fn tile_emulated(isa: super::Isa, t: &Tile) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (isa, t.rows) {
+                (super::Isa::Avx2, 6) => tile::<Emulated<8>, 6, 2, true>(t),
+                (super::Isa::Avx2, _) => tile::<Emulated<8>, 6, 2, false>(t),
+                (super::Isa::Avx512, 12) => tile::<Emulated<16>, 12, 2, true>(t),
+                (super::Isa::Avx512, _) => tile::<Emulated<16>, 12, 2, false>(t),
+            }
         }
     }
 
@@ -517,6 +588,27 @@ mod tests {
                 let tol = 1e-6 * k as f32;
                 let diff = max_diff(&got, &want);
                 assert!(diff < tol, "{isa:?} ({rows}, {n}, {k}): max diff {diff}");
+            }
+        }
+    }
+
+    /// Both tile shapes through the blocking, slicing and epilogue, with registers
+    /// emulated, so the AVX-512 layout is checked on CPUs without AVX-512 too.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn both_tile_shapes_match_the_reference_with_emulated_registers() {
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            for (rows, n, k) in [(1, 1, 1), (13, 70, 37), (29, 161, 900), (150, 96, 513)] {
+                let (xs, w, b) = (random(rows * k, 12), random(n * k, 13), random(n, 14));
+                let packed = PackedF32::pack(&w, n, k, Some(b.clone()), isa);
+                // SAFETY: the emulated kernel needs no CPU feature and reads what the real
+                // one for `isa` would.
+                let got = unsafe {
+                    matmul_with(&xs, rows, &packed, Epilogue::default(), x86::tile_emulated)
+                };
+                let want = reference(&xs, &w, &b, rows, n, k);
+                let diff = max_diff(&got, &want);
+                assert!(diff < 1e-6 * k as f32, "{isa:?} ({rows}, {n}, {k}): {diff}");
             }
         }
     }
