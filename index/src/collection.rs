@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::graph::{DumpDir, Graph};
+use crate::graph::{DumpDir, Graph, LoadedDump};
 use crate::slots::{Postings, SlotInfo, SlotTable};
 use crate::store::{ItemWrite, Record, Store, WriteBatch};
 use crate::types::{GraphOrigin, HnswParams, Item, ItemKind, Settings, Stats, UpsertOutcome};
@@ -127,7 +127,10 @@ impl Collection {
     pub fn open(dir: &Path, settings: Settings) -> Result<Self> {
         check_settings(&settings)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::storage(dir, e))?;
-        let store = Store::open(dir)?;
+        let started = std::time::Instant::now();
+        let dumps = DumpDir::new(dir);
+        let (store, dump) = open_with_dump(dir, &dumps, &settings);
+        let store = store?;
         store.reconcile_settings(&settings)?;
         let epoch = store.epoch()?;
         let next_slot = store.next_slot()?;
@@ -137,15 +140,19 @@ impl Collection {
             postings: Postings::default(),
             counts: [AtomicU64::new(0), AtomicU64::new(0)],
         };
-        let dumps = DumpDir::new(dir);
-        let (graph, origin, max_slot) = initial_state(&store, &dumps, &settings, epoch, &tables)?;
+        let (graph, origin, max_slot) = initial_state(&store, dump, &settings, epoch, &tables)?;
         let next_slot = next_slot.max(max_slot.map_or(0, |s| s + 1));
         let Tables {
             slots,
             postings,
             counts,
         } = tables;
-        tracing::debug!(?origin, kernel = graph.kernel(), "graph ready");
+        tracing::info!(
+            ?origin,
+            kernel = graph.kernel(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "collection open"
+        );
         let dirty = origin == GraphOrigin::Rebuilt;
         let dumped = if origin == GraphOrigin::Reloaded {
             epoch
@@ -321,22 +328,52 @@ fn load_records(store: &Store, tables: &Tables) -> Result<Loaded> {
 /// A dump that reflects `epoch` carries the live items of that epoch, which are exactly the
 /// store's records, so the tables are filled from it without scanning the store. Otherwise
 /// the records are scanned and the graph is rebuilt from the stored vectors.
+/// Opens the store while another thread reads the current graph dump: at a million items
+/// each takes seconds, mostly spent waiting on the disk and on fresh memory. The dump is read
+/// before the store's lock is held, so when another process replaced it meanwhile (the
+/// current dump name changed), it is read again once the lock is ours.
+fn open_with_dump(
+    dir: &Path,
+    dumps: &DumpDir,
+    settings: &Settings,
+) -> (Result<Store>, std::result::Result<LoadedDump, String>) {
+    let load = || dumps.load(settings.dimension, &settings.hnsw);
+    let before = dumps.current();
+    let (store, dump) = std::thread::scope(|scope| {
+        let reader = scope.spawn(load);
+        let store = Store::open(dir);
+        let dump = reader
+            .join()
+            .unwrap_or_else(|_| Err("graph dump reader panicked".into()));
+        (store, dump)
+    });
+    if store.is_ok() && dumps.current() != before {
+        return (store, load());
+    }
+    (store, dump)
+}
+
 fn initial_state(
     store: &Store,
-    dumps: &DumpDir,
+    dump: std::result::Result<LoadedDump, String>,
     settings: &Settings,
     epoch: u64,
     tables: &Tables,
 ) -> Result<(Graph, GraphOrigin, Option<u64>)> {
-    match dumps.load(epoch, settings.dimension, &settings.hnsw) {
-        Ok((graph, items)) if !items.is_empty() && graph.len() >= items.len() => {
+    match dump {
+        Ok(dump) if dump.epoch != epoch => tracing::info!(
+            dump = dump.epoch,
+            store = epoch,
+            "graph dump reflects another write epoch; rebuilding the graph"
+        ),
+        Ok(LoadedDump { graph, items, .. }) if !items.is_empty() && graph.len() >= items.len() => {
             let max_slot = items.iter().map(|(slot, _)| *slot).max();
             for (slot, info) in items {
                 tables.add(slot, info);
             }
             return Ok((graph, GraphOrigin::Reloaded, max_slot));
         }
-        Ok((graph, items)) => tracing::info!(
+        Ok(LoadedDump { graph, items, .. }) => tracing::info!(
             points = graph.len(),
             items = items.len(),
             "graph dump has no items or fewer points than items"

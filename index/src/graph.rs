@@ -153,6 +153,14 @@ fn dump_files(basename: &str) -> [String; 3] {
 /// Live items as dumped: slot and what a search needs about the item.
 pub(crate) type DumpedItems = Vec<(u64, SlotInfo)>;
 
+/// A dump read back by [`DumpDir::load`].
+pub(crate) struct LoadedDump {
+    /// Write epoch of the store that the dump reflects.
+    pub epoch: u64,
+    pub graph: Graph,
+    pub items: DumpedItems,
+}
+
 impl DumpDir {
     /// Dumps under `collection/graph`.
     pub fn new(collection: &Path) -> Self {
@@ -269,23 +277,22 @@ impl DumpDir {
         self.current_name()
     }
 
-    /// Loads the current dump (graph and live items) if it reflects `epoch`, has
-    /// `dimension` and was built with the graph parameters of `params`, and every checksum
-    /// matches; otherwise returns why not.
+    /// Loads the current dump (graph and live items) if it has `dimension`, was built with
+    /// the graph parameters of `params` and every checksum matches; otherwise returns why
+    /// not. The caller compares [`LoadedDump::epoch`] with the store's epoch.
     pub fn load(
         &self,
-        epoch: u64,
         dimension: usize,
         params: &HnswParams,
-    ) -> std::result::Result<(Graph, DumpedItems), String> {
+    ) -> std::result::Result<LoadedDump, String> {
         let name = self.current_name().ok_or("no current dump")?;
         let dir = self.root.join(&name);
         let manifest = read_manifest(&dir)?;
-        let expected = (DUMP_FORMAT, epoch, dimension);
-        let found = (manifest.format, manifest.epoch, manifest.dimension);
+        let expected = (DUMP_FORMAT, dimension);
+        let found = (manifest.format, manifest.dimension);
         if expected != found {
             return Err(format!(
-                "dump has format/epoch/dimension {found:?}, need {expected:?}"
+                "dump has format/dimension {found:?}, need {expected:?}"
             ));
         }
         let shape = (manifest.max_connections, manifest.ef_construction);
@@ -302,7 +309,11 @@ impl DumpDir {
                 (manifest.points, manifest.items)
             ));
         }
-        Ok((graph, items))
+        Ok(LoadedDump {
+            epoch: manifest.epoch,
+            graph,
+            items,
+        })
     }
 }
 

@@ -157,9 +157,17 @@ impl Inner {
         };
         let tombstones = graph.len() > self.live_count();
         let restricted = filter.is_some() || tombstones;
-        let accept: Option<&dyn Fn(u64) -> bool> = restricted.then_some(&accept);
-        graph
-            .search(query, k, ef.max(k), accept)
+        let mut found = graph.search(query, k, ef.max(k), restricted.then_some(&accept));
+        // A write or delete that began after the check above can leave nodes that are not
+        // live on an unrestricted walk; walking again with the check keeps k hits.
+        if !restricted
+            && found
+                .iter()
+                .any(|(slot, _)| view.live(*slot as usize).is_none())
+        {
+            found = graph.search(query, k, ef.max(k), Some(&accept));
+        }
+        found
             .into_iter()
             .map(|(slot, similarity)| (similarity, slot))
             .collect()
@@ -232,5 +240,64 @@ impl Inner {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::types::{HnswParams, Item, Settings};
+
+    use super::*;
+
+    fn item(i: usize, dimension: usize) -> Item {
+        let mut vector = vec![0.01f32; dimension];
+        vector[i % dimension] = 1.0;
+        vector[(i * 7 + 3) % dimension] += 0.5 + i as f32 / 100.0;
+        Item {
+            id: format!("item-{i}"),
+            kind: ItemKind::Image,
+            vector,
+            metadata: BTreeMap::new(),
+            content_hash: [i as u8; 32],
+            payload: None,
+        }
+    }
+
+    /// A delete that lands between a search's tombstone check and its walk leaves a node
+    /// that is no longer live on an unrestricted walk; the search must still return k hits.
+    #[test]
+    fn a_slot_killed_during_an_unrestricted_walk_does_not_cost_a_hit() {
+        let dir = tempfile::tempdir().unwrap();
+        let dimension = 16;
+        let settings = Settings {
+            dimension,
+            metric: Metric::Cosine,
+            hnsw: HnswParams::default(),
+            model_id: "m".into(),
+        };
+        let collection = Collection::open(dir.path(), settings).unwrap();
+        let items: Vec<Item> = (0..40).map(|i| item(i, dimension)).collect();
+        let query = items[5].vector.clone();
+        collection.upsert(items).unwrap();
+
+        // What the delete has done by then: the slot is dead, the live count not yet lower.
+        let inner = &collection.inner;
+        let view = inner.slots.view();
+        let (slot, _) = view.iter_live().find(|(_, i)| i.id == "item-5").unwrap();
+        inner.slots.kill(slot);
+        assert_eq!(inner.graph.read().len(), inner.live_count());
+
+        let request = SearchRequest {
+            vector: &query,
+            k: 10,
+            ef: None,
+            filter: Filter::default(),
+            exact: false,
+        };
+        let hits = collection.search(&request).unwrap();
+        assert_eq!(hits.len(), 10, "hits: {hits:?}");
+        assert!(hits.iter().all(|h| h.id != "item-5"));
     }
 }

@@ -163,3 +163,25 @@ fn reload_restores_ids_kinds_metadata_and_slots_from_the_dump() {
     assert!(near_399.contains(&"t5".to_string()) && near_399.contains(&"t399".to_string()));
     assert!(!ids(&collection, &request(&vectors[5], 3)).contains(&"t5".to_string()));
 }
+
+/// An open reads the dump while it waits for the store's lock; when the process holding
+/// the lock writes a newer dump before letting go, the open reloads that one.
+#[test]
+fn an_open_waiting_for_the_lock_reloads_the_dump_written_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    let first = open(dir.path(), DIM);
+    first
+        .upsert(vec![item("late", vectors[0].clone())])
+        .unwrap();
+
+    let path = dir.path().to_path_buf();
+    let opener = std::thread::spawn(move || open(&path, DIM));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    first.close().unwrap();
+
+    let second = opener.join().unwrap();
+    assert_eq!(second.graph_origin(), GraphOrigin::Reloaded);
+    let found = ids(&second, &request(&vectors[0], 2));
+    assert!(found.contains(&"late".to_string()), "{found:?}");
+}
