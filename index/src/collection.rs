@@ -325,9 +325,6 @@ fn load_records(store: &Store, tables: &Tables) -> Result<Loaded> {
 
 /// Fills the tables and returns the graph, where it came from and the highest live slot.
 ///
-/// A dump that reflects `epoch` carries the live items of that epoch, which are exactly the
-/// store's records, so the tables are filled from it without scanning the store. Otherwise
-/// the records are scanned and the graph is rebuilt from the stored vectors.
 /// Opens the store while another thread reads the current graph dump: at a million items
 /// each takes seconds, mostly spent waiting on the disk and on fresh memory. The dump is read
 /// before the store's lock is held, so when another process replaced it meanwhile (the
@@ -353,6 +350,9 @@ fn open_with_dump(
     (store, dump)
 }
 
+/// A dump that reflects `epoch` carries the live items of that epoch, which are exactly the
+/// store's records, so the tables are filled from it without scanning the store. Otherwise
+/// the records are scanned and the graph is rebuilt from the stored vectors.
 fn initial_state(
     store: &Store,
     dump: std::result::Result<LoadedDump, String>,

@@ -157,7 +157,9 @@ pub(crate) type DumpedItems = Vec<(u64, SlotInfo)>;
 pub(crate) struct LoadedDump {
     /// Write epoch of the store that the dump reflects.
     pub epoch: u64,
+    /// The graph, checked and ranked.
     pub graph: Graph,
+    /// The live items of that epoch.
     pub items: DumpedItems,
 }
 
