@@ -323,8 +323,6 @@ fn load_records(store: &Store, tables: &Tables) -> Result<Loaded> {
     Ok(Loaded { live, max_slot })
 }
 
-/// Fills the tables and returns the graph, where it came from and the highest live slot.
-///
 /// Opens the store while another thread reads the current graph dump: at a million items
 /// each takes seconds, mostly spent waiting on the disk and on fresh memory. The dump is read
 /// before the store's lock is held, so when another process replaced it meanwhile (the
@@ -345,11 +343,14 @@ fn open_with_dump(
         (store, dump)
     });
     if store.is_ok() && dumps.current() != before {
+        drop(dump);
         return (store, load());
     }
     (store, dump)
 }
 
+/// Fills the tables and returns the graph, where it came from and the highest live slot.
+///
 /// A dump that reflects `epoch` carries the live items of that epoch, which are exactly the
 /// store's records, so the tables are filled from it without scanning the store. Otherwise
 /// the records are scanned and the graph is rebuilt from the stored vectors.

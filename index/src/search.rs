@@ -158,8 +158,8 @@ impl Inner {
         let tombstones = graph.len() > self.live_count();
         let restricted = filter.is_some() || tombstones;
         let mut found = graph.search(query, k, ef.max(k), restricted.then_some(&accept));
-        // A write or delete that began after the check above can leave nodes that are not
-        // live on an unrestricted walk; walking again with the check keeps k hits.
+        // A delete that landed after the check above can leave a node that is no longer live
+        // on an unrestricted walk; walking again with the check keeps it from costing a hit.
         if !restricted
             && found
                 .iter()

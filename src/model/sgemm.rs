@@ -187,14 +187,15 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedF32, epilogue: Epilogue) -> Vec
             "residual length must be rows × out_dim"
         );
     }
-    // SAFETY: the CPU supports `w.isa`, checked above.
+    // SAFETY: the CPU supports `w.isa` and the lengths are right, both checked above.
     unsafe { matmul_with(xs, rows, w, epilogue, microkernel) }
 }
 
 /// [`matmul`] with the microkernel passed in and the lengths already checked.
 ///
 /// # Safety
-/// `kernel` may be called for tiles of `w.isa`'s shape (see [`microkernel`]).
+/// `kernel` may be called for tiles of `w.isa`'s shape (see [`microkernel`]); `xs` holds
+/// `rows × w.in_dim` values and the residual, if any, `rows × w.out_dim`.
 unsafe fn matmul_with(
     xs: &[f32],
     rows: usize,

@@ -11,7 +11,8 @@ use rayon::prelude::*;
 use super::search::{with_context, Context, Scored};
 use super::{draw_level, pack_entry, unpack_entry, Hnsw, NO_ENTRY};
 
-/// Below this many nodes a batch is linked on the calling thread.
+/// Below this many nodes a batch is linked on the calling thread, and so are the nodes of a
+/// batch that bring the graph up to this many.
 const PARALLEL_MIN: usize = 64;
 
 impl Hnsw {
@@ -47,13 +48,18 @@ impl Hnsw {
         let entry = self.entry();
         let nodes = start as u32..(start + count) as u32;
         self.rank_batch(&ranking, nodes.clone());
-        if count < PARALLEL_MIN {
-            nodes.for_each(|node| with_context(|context| self.link(context, node)));
+        // Small batches, and the first nodes of a nearly empty graph, are linked one by one:
+        // parallel links into a graph of a few nodes would start from lists not yet written.
+        let serial = if count < PARALLEL_MIN {
+            count
         } else {
-            nodes
-                .into_par_iter()
-                .for_each(|node| with_context(|context| self.link(context, node)));
-        }
+            PARALLEL_MIN.saturating_sub(start).min(count)
+        };
+        let split = nodes.start + serial as u32;
+        (nodes.start..split).for_each(|node| with_context(|context| self.link(context, node)));
+        (split..nodes.end)
+            .into_par_iter()
+            .for_each(|node| with_context(|context| self.link(context, node)));
         self.anchor_batch(&mut ranking, start as u32..(start + count) as u32, entry);
         count
     }
@@ -129,8 +135,9 @@ impl Hnsw {
     }
 
     /// Writes the lists of `node` and the links back to it, level by level from the base
-    /// up. Other inserts reach a node on a level only through links written here, so by
-    /// then its lists on every lower level are in place: a search that descends to it never
+    /// up. Other inserts reach a node on a level only through links written here (or as the
+    /// entry point, whose lists the one-by-one start of a graph fills first), so by then its
+    /// lists on every lower level are in place: a search that descends to it never
     /// continues from an empty base-level list, which would leave the inserting node with
     /// that single far neighbour.
     fn publish(&self, context: &mut Context, node: u32, chosen: &[Vec<Scored>]) {
