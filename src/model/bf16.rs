@@ -283,24 +283,11 @@ mod tests {
         half::bf16::from_f32(v).to_f32()
     }
 
+    use crate::model::packed::testing::random;
+
     /// Reference on the same bf16-rounded operands, accumulated in f64.
     fn reference(xs: &[f32], w: &[f32], b: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
-        let mut out = vec![0f32; rows * n];
-        for i in 0..rows {
-            for j in 0..n {
-                let dot: f64 = (0..k)
-                    .map(|p| bf16_round(xs[i * k + p]) as f64 * bf16_round(w[j * k + p]) as f64)
-                    .sum();
-                out[i * n + j] = (dot + b[j] as f64) as f32;
-            }
-        }
-        out
-    }
-
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+        crate::model::packed::testing::reference(xs, w, b, (rows, n, k), bf16_round)
     }
 
     #[test]

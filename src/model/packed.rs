@@ -76,3 +76,35 @@ impl Sink<'_> {
         }
     }
 }
+
+/// Helpers shared by the tests of both kernels.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// `round(x)·round(W)ᵀ + b` accumulated in f64, for row-major `xs` (rows × k) and `w`
+    /// (n × k); `round` models the kernel's operand precision.
+    pub(crate) fn reference(
+        xs: &[f32],
+        w: &[f32],
+        b: &[f32],
+        (rows, n, k): (usize, usize, usize),
+        round: impl Fn(f32) -> f32,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * n];
+        for i in 0..rows {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|p| round(xs[i * k + p]) as f64 * round(w[j * k + p]) as f64)
+                    .sum();
+                out[i * n + j] = (dot + b[j] as f64) as f32;
+            }
+        }
+        out
+    }
+
+    /// `len` values uniform in [-1, 1) from a generator seeded with `seed`.
+    pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+}
