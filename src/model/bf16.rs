@@ -283,7 +283,7 @@ mod tests {
         half::bf16::from_f32(v).to_f32()
     }
 
-    use crate::model::packed::testing::random;
+    use crate::model::packed::testing::{operands, random};
 
     /// Reference on the same bf16-rounded operands, accumulated in f64.
     fn reference(xs: &[f32], w: &[f32], b: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
@@ -303,9 +303,7 @@ mod tests {
             (41, 129, 130),
             (9, 31, 300),
         ] {
-            let xs = random(rows * k, 1);
-            let w = random(n * k, 2);
-            let b = random(n, 3);
+            let (xs, w, b) = operands((rows, n, k), 1);
             let packed = PackedBf16::pack(&w, n, k, Some(b.clone()));
             let got = matmul(&xs, rows, &packed, Epilogue::default());
             let want = reference(&xs, &w, &b, rows, n, k);
@@ -326,7 +324,7 @@ mod tests {
             return;
         }
         let (rows, n, k) = (10, 35, 17);
-        let (xs, w, b) = (random(rows * k, 4), random(n * k, 5), random(n, 6));
+        let (xs, w, b) = operands((rows, n, k), 4);
         let res = random(rows * n, 7);
         let packed = PackedBf16::pack(&w, n, k, Some(b.clone()));
         let epilogue = Epilogue {

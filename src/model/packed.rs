@@ -101,6 +101,19 @@ pub(crate) mod testing {
         out
     }
 
+    /// Input (rows × k), weight (n × k) and bias (n) of a linear layer, drawn by [`random`]
+    /// with seeds `seed`, `seed + 1` and `seed + 2`.
+    pub(crate) fn operands(
+        (rows, n, k): (usize, usize, usize),
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (
+            random(rows * k, seed),
+            random(n * k, seed + 1),
+            random(n, seed + 2),
+        )
+    }
+
     /// `len` values uniform in [-1, 1) from a generator seeded with `seed`.
     pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};

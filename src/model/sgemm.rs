@@ -527,7 +527,7 @@ mod tests {
     use crate::model::config::Activation;
     use crate::model::nn::activation_value;
 
-    use crate::model::packed::testing::random;
+    use crate::model::packed::testing::{operands, random};
 
     /// `x·Wᵀ + b` accumulated in f64.
     fn reference(xs: &[f32], w: &[f32], b: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
@@ -566,9 +566,7 @@ mod tests {
                 (50, 160, 513),
                 (2, 40, 1100),
             ] {
-                let xs = random(rows * k, 1);
-                let w = random(n * k, 2);
-                let b = random(n, 3);
+                let (xs, w, b) = operands((rows, n, k), 1);
                 let packed = PackedF32::pack(&w, n, k, Some(b.clone()), isa);
                 let got = matmul(&xs, rows, &packed, Epilogue::default());
                 let want = reference(&xs, &w, &b, rows, n, k);
@@ -587,7 +585,7 @@ mod tests {
     fn both_tile_shapes_match_the_reference_with_emulated_registers() {
         for isa in [Isa::Avx2, Isa::Avx512] {
             for (rows, n, k) in [(1, 1, 1), (13, 70, 37), (29, 161, 900), (150, 96, 513)] {
-                let (xs, w, b) = (random(rows * k, 12), random(n * k, 13), random(n, 14));
+                let (xs, w, b) = operands((rows, n, k), 12);
                 let packed = PackedF32::pack(&w, n, k, Some(b.clone()), isa);
                 // SAFETY: the emulated kernel needs no CPU feature and reads what the real
                 // one for `isa` would.
@@ -622,7 +620,7 @@ mod tests {
     fn epilogue_applies_activation_then_residual() {
         for isa in supported() {
             let (rows, n, k) = (53, 135, 300);
-            let (xs, w, b) = (random(rows * k, 7), random(n * k, 8), random(n, 9));
+            let (xs, w, b) = operands((rows, n, k), 7);
             let res = random(rows * n, 10);
             let packed = PackedF32::pack(&w, n, k, Some(b.clone()), isa);
             for act in [Activation::QuickGelu, Activation::Gelu] {
