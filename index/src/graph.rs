@@ -23,7 +23,7 @@ pub(crate) const GRAPH_DIR: &str = "graph";
 const CURRENT_FILE: &str = "CURRENT";
 const MANIFEST_FILE: &str = "manifest.json";
 const BASENAME: &str = "nodes";
-const DUMP_FORMAT: u32 = 3;
+const DUMP_FORMAT: u32 = 4;
 
 /// The HNSW graph of a collection; node data ids are slot numbers.
 pub(crate) struct Graph {
@@ -383,6 +383,8 @@ fn reload(
         (graph.and_then(|g| g), vectors, items.and_then(|i| i))
     });
     let (graph, vectors, (items_sum, items)) = (graph?, vectors?, items?);
+    let mapped = graph.is_mapped() && vectors.is_mapped();
+    tracing::debug!(mapped, points = manifest.points, "graph dump read");
     let sums = [&graph.checksum, &vectors.checksum, &items_sum];
     for (file, sum) in manifest.files.iter().zip(sums) {
         if *sum != file.checksum {

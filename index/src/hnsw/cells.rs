@@ -5,7 +5,10 @@
 #![allow(unsafe_code)]
 
 use std::cell::UnsafeCell;
+use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
+
+use super::region::{Region, Zeroed};
 
 /// A fixed-size array whose elements are written through a shared reference.
 ///
@@ -13,12 +16,27 @@ use std::sync::atomic::AtomicU32;
 /// other thread can read it (before the node it belongs to is published with a release store
 /// that readers acquire), and never again while the array is shared.
 pub(crate) struct Cells<T> {
-    cells: Box<[UnsafeCell<T>]>,
+    ptr: NonNull<T>,
+    len: usize,
+    /// Owns the memory `ptr` points into; never accessed directly.
+    _storage: Storage<T>,
+}
+
+/// The memory behind a [`Cells`], held only to own it.
+#[expect(
+    dead_code,
+    reason = "the storage is reached through `Cells::ptr`, never read"
+)]
+enum Storage<T> {
+    Heap(Box<[UnsafeCell<T>]>),
+    Region(Region<T>),
 }
 
 // SAFETY: concurrent access follows the write-once protocol above, so a shared `Cells` only
 // ever hands out shared references to elements that no thread writes any more.
 unsafe impl<T: Send + Sync> Sync for Cells<T> {}
+// SAFETY: the storage is owned like a `Box<[T]>`.
+unsafe impl<T: Send> Send for Cells<T> {}
 
 impl<T> Cells<T> {
     /// Takes ownership of `values` without copying.
@@ -28,37 +46,56 @@ impl<T> Cells<T> {
         // SAFETY: `UnsafeCell<T>` is `repr(transparent)` over `T`, so the allocation has the
         // same layout; ownership moves from the forgotten vector.
         let cells = unsafe { Vec::from_raw_parts(ptr.cast::<UnsafeCell<T>>(), len, cap) };
+        let mut cells = cells.into_boxed_slice();
+        let ptr = NonNull::from(&mut cells[..]).cast::<T>();
         Self {
-            cells: cells.into_boxed_slice(),
+            ptr,
+            len,
+            _storage: Storage::Heap(cells),
+        }
+    }
+
+    /// Takes ownership of `region` without copying.
+    pub fn from_region(region: Region<T>) -> Self {
+        let len = region.len();
+        let ptr = NonNull::new(region.as_ptr()).expect("regions are never null");
+        Self {
+            ptr,
+            len,
+            _storage: Storage::Region(region),
         }
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.cells.len()
+        self.len
     }
 
     /// Element `index`. Panics when out of bounds.
     #[inline]
     pub fn get(&self, index: usize) -> &T {
-        // SAFETY: by the write-once protocol nobody writes this element while it is readable.
-        unsafe { &*self.cells[index].get() }
+        assert!(index < self.len, "cell {index} of {}", self.len);
+        // SAFETY: in bounds; by the write-once protocol nobody writes this element while it
+        // is readable.
+        unsafe { &*self.ptr.as_ptr().add(index) }
     }
 
     /// Elements `start..start + len`. Panics when out of bounds.
     #[inline]
     pub fn row(&self, start: usize, len: usize) -> &[T] {
-        let cells = &self.cells[start..start + len];
-        // SAFETY: `UnsafeCell<T>` has the layout of `T`; by the write-once protocol nobody
-        // writes these elements while they are readable.
-        unsafe { std::slice::from_raw_parts(cells.as_ptr().cast::<T>(), len) }
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "cells out of bounds"
+        );
+        // SAFETY: in bounds; by the write-once protocol nobody writes these elements while
+        // they are readable.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), len) }
     }
 
     /// Exclusive access to every element.
     pub fn as_mut_slice(&mut self) -> &mut [T] {
-        let len = self.cells.len();
-        // SAFETY: `&mut self` excludes every other access; the layouts are identical.
-        unsafe { std::slice::from_raw_parts_mut(self.cells.as_mut_ptr().cast::<T>(), len) }
+        // SAFETY: `&mut self` excludes every other access to the owned storage.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
     /// Writes element `index`.
@@ -67,8 +104,9 @@ impl<T> Cells<T> {
     /// No other thread may read or write this element during the call, and no reader may
     /// reach it before a release store that follows this write.
     pub unsafe fn set(&self, index: usize, value: T) {
-        // SAFETY: exclusive access to this element is the caller's obligation.
-        unsafe { *self.cells[index].get() = value };
+        assert!(index < self.len, "cell {index} of {}", self.len);
+        // SAFETY: in bounds; exclusive access to this element is the caller's obligation.
+        unsafe { *self.ptr.as_ptr().add(index) = value };
     }
 }
 
@@ -78,55 +116,16 @@ impl<T: Copy> Cells<T> {
     /// # Safety
     /// As for [`Cells::set`], for every element written.
     pub unsafe fn write_row(&self, start: usize, values: &[T]) {
-        let cells = &self.cells[start..start + values.len()];
-        for (cell, value) in cells.iter().zip(values) {
-            // SAFETY: exclusive access to these elements is the caller's obligation.
-            unsafe { *cell.get() = *value };
-        }
-    }
-}
-
-/// `len` zeroed atomics; the pages stay untouched (and not resident) until written.
-pub(crate) fn zeroed_atomics(len: usize) -> Box<[AtomicU32]> {
-    let mut zeros = vec![0u32; len];
-    advise_huge_pages(&mut zeros);
-    atomics_from(zeros)
-}
-
-/// A zeroed array of `len` values, backed by huge pages where the system allows it.
-pub(crate) fn zeroed<T: Plain + Default>(len: usize) -> Vec<T> {
-    let mut values = vec![T::default(); len];
-    advise_huge_pages(&mut values);
-    values
-}
-
-/// Asks the kernel to back the 2 MiB-aligned interior of a large array with transparent
-/// huge pages (Linux, when THP is enabled or in `madvise` mode): one page fault and one TLB
-/// entry per 2 MiB instead of per 4 KiB, which matters for gigabyte-sized vector and link
-/// arrays. Contents are unaffected; a no-op for small arrays and on other systems.
-fn advise_huge_pages<T>(values: &mut [T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = std::mem::size_of_val(values);
-        if bytes < 4 * HUGE {
-            return;
-        }
-        let start = values.as_mut_ptr() as usize;
-        let first = start.next_multiple_of(HUGE);
-        let end = (start + bytes) / HUGE * HUGE;
-        if end > first {
-            // SAFETY: the range lies inside `values`, which this function borrows mutably;
-            // MADV_HUGEPAGE changes only how the kernel backs the pages, not their contents.
-            // A failure (THP disabled) leaves ordinary pages, so the result is ignored.
-            let _ = unsafe {
-                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE)
-            };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = values;
+        let len = values.len();
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "cells out of bounds"
+        );
+        // SAFETY: in bounds; exclusive access to these elements is the caller's obligation,
+        // and `values` cannot overlap them (it is borrowed while they are unreadable).
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.as_ptr().add(start), len)
+        };
     }
 }
 
@@ -141,7 +140,7 @@ pub(crate) fn atomics_from(values: Vec<u32>) -> Box<[AtomicU32]> {
 }
 
 /// Numeric types every bit pattern of which is a valid value.
-pub(crate) trait Plain: Copy + sealed::Sealed {}
+pub(crate) trait Plain: Copy + Zeroed + sealed::Sealed {}
 impl Plain for u8 {}
 impl Plain for u32 {}
 impl Plain for u64 {}
@@ -177,12 +176,18 @@ mod tests {
 
     #[test]
     fn cells_hand_back_what_was_written() {
-        let cells = Cells::from_vec(vec![0f32; 8]);
-        // SAFETY: the array is not shared with any other thread in this test.
-        unsafe { cells.write_row(2, &[1.0, 2.0, 3.0]) };
-        assert_eq!(cells.row(1, 4), &[0.0, 1.0, 2.0, 3.0]);
-        assert_eq!(*cells.get(3), 2.0);
-        assert_eq!(cells.len(), 8);
+        for cells in [
+            Cells::from_vec(vec![0f32; 8]),
+            Cells::from_region(Region::zeroed(8)),
+        ] {
+            // SAFETY: the array is not shared with any other thread in this test.
+            unsafe { cells.write_row(2, &[1.0, 2.0, 3.0]) };
+            // SAFETY: as above.
+            unsafe { cells.set(7, 4.0) };
+            assert_eq!(cells.row(1, 4), &[0.0, 1.0, 2.0, 3.0]);
+            assert_eq!((*cells.get(3), *cells.get(7)), (2.0, 4.0));
+            assert_eq!(cells.len(), 8);
+        }
     }
 
     #[test]
@@ -193,8 +198,5 @@ mod tests {
         assert_eq!(bytes(&values).len(), 8);
         let atomics = atomics_from(values);
         assert_eq!(atomics[1].load(Ordering::Relaxed), 256);
-        assert!(zeroed_atomics(3)
-            .iter()
-            .all(|a| a.load(Ordering::Relaxed) == 0));
     }
 }

@@ -2,15 +2,18 @@
 //!
 //! Two files, each a fixed header then raw arrays in the machine's byte order (the header
 //! carries a byte-order mark, so a file from a machine of the other order is refused):
-//! - the graph file: header, node levels (`u8`), base-level lists (`u32`, `1 + 2M` per
-//!   node), then the upper-level lists of every node above level 0, in node order;
-//! - the vector file: header, slot numbers (`u64`), vectors (`f32`, `dimension` per node).
+//! - the graph file: header, node levels (`u8`), the upper-level lists of every node above
+//!   level 0 in node order (`u32`), zero padding up to a multiple of [`FILE_ALIGN`], then
+//!   the base-level lists (`u32`, `1 + 2M` per node);
+//! - the vector file: header, slot numbers (`u64`), zero padding, then the vectors (`f32`,
+//!   `dimension` per node).
 //!
-//! Readers checksum what they read on the way (see [`crate::checksum`]), so a file is read
-//! once.
+//! The big array that ends each file is mapped copy-on-write rather than read (see
+//! [`Region::map_file`]); the small arrays before it are read. Either way everything is
+//! checksummed on the way (see [`crate::checksum`]), so a file is read once.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
@@ -18,21 +21,26 @@ use parking_lot::Mutex;
 
 use crate::checksum::Checksum;
 
-use super::cells::{atomics_from, bytes, bytes_mut, zeroed, zeroed_atomics, Cells, Plain};
+use super::cells::{atomics_from, bytes, bytes_mut, Cells, Plain};
 use super::distance::Dot;
+use super::region::{Region, FILE_ALIGN};
 use super::{unpack_entry, Hnsw, Ranking, Shape, MAX_LEVEL};
 
 const GRAPH_MAGIC: [u8; 8] = *b"MPGRAPH1";
 const VECTOR_MAGIC: [u8; 8] = *b"MPVECTS1";
 const BYTE_ORDER_MARK: u32 = 0x0102_0304;
 /// Format version of both files.
-pub(crate) const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 2;
 /// Header words after the magic: byte-order mark, format, dimension, max connections,
 /// ef_construction, node count (two words), entry point (two words), upper words (two).
 const HEADER_WORDS: usize = 11;
 const HEADER_BYTES: usize = 8 + HEADER_WORDS * 4;
-/// Bytes written per call.
+/// Bytes written per call for the small arrays.
 const WRITE_CHUNK: usize = 1 << 20;
+/// Bytes written per call for the array that ends a file: whole huge pages at offsets
+/// aligned to them, so that the page cache keeps the array in huge folios, which a mapping
+/// then maps with huge-page entries (see [`Region::map_file`]).
+const LAST_CHUNK: usize = 4 << 20;
 /// Bytes read per call: small enough that the hash reads them back from the cache.
 const READ_CHUNK: usize = 4 << 20;
 
@@ -99,9 +107,9 @@ impl Header {
 /// The graph file's content, read and hashed.
 pub(crate) struct GraphFile {
     header: Header,
-    levels: Vec<u8>,
-    base: Vec<u32>,
-    upper: Vec<u32>,
+    levels: Region<u8>,
+    base: Region<u32>,
+    upper: Region<u32>,
     /// Checksum of the whole file, as [`Checksum::hex`] writes it.
     pub checksum: String,
 }
@@ -109,8 +117,8 @@ pub(crate) struct GraphFile {
 /// The vector file's content, read and hashed.
 pub(crate) struct VectorFile {
     header: Header,
-    slots: Vec<u64>,
-    vectors: Vec<f32>,
+    slots: Region<u64>,
+    vectors: Region<f32>,
     /// Checksum of the whole file, as [`Checksum::hex`] writes it.
     pub checksum: String,
 }
@@ -132,8 +140,8 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 impl<R: Read> Hashing<R> {
-    fn array<T: Plain + Default>(&mut self, len: usize, spare: usize) -> Result<Vec<T>, String> {
-        let mut values = zeroed::<T>(len + spare);
+    fn array<T: Plain>(&mut self, len: usize, spare: usize) -> Result<Region<T>, String> {
+        let mut values = Region::<T>::zeroed(len + spare);
         for chunk in bytes_mut(&mut values[..len]).chunks_mut(READ_CHUNK) {
             self.read_exact(chunk)
                 .map_err(|e| format!("short file: {e}"))?;
@@ -148,6 +156,17 @@ impl<R: Read> Hashing<R> {
         Header::decode(&raw, magic)
     }
 
+    /// Reads the zero padding up to the next multiple of [`FILE_ALIGN`].
+    fn padding(&mut self) -> Result<(), String> {
+        let mut pad = vec![0u8; padding(self.read) as usize];
+        self.read_exact(&mut pad)
+            .map_err(|e| format!("short padding: {e}"))?;
+        if pad.iter().any(|&b| b != 0) {
+            return Err("padding is not zero".into());
+        }
+        Ok(())
+    }
+
     /// Checks that the file ends here and returns the hash of everything read.
     fn finish(mut self, expected_len: u64) -> Result<String, String> {
         let mut probe = [0u8; 1];
@@ -157,6 +176,42 @@ impl<R: Read> Hashing<R> {
         }
         Ok(self.sum.hex())
     }
+}
+
+impl Hashing<File> {
+    /// The array of `len` values that ends a file of `file_len` bytes, followed by `spare`
+    /// zeroed values, and the hash of the whole file. Maps the array where the system can;
+    /// reads it otherwise.
+    fn last_array<T: Plain>(
+        mut self,
+        len: usize,
+        spare: usize,
+        file_len: u64,
+    ) -> Result<(Region<T>, String), String> {
+        match Region::<T>::map_file(&self.inner, self.read, len, spare) {
+            Ok(values) => {
+                let raw = bytes(&values[..len]);
+                raw.chunks(READ_CHUNK)
+                    .for_each(|chunk| self.sum.update(chunk));
+                self.read += raw.len() as u64;
+                let actual = self.inner.metadata().map_err(|e| e.to_string())?.len();
+                if self.read != file_len || actual != file_len {
+                    return Err(format!("file is not {file_len} bytes long"));
+                }
+                Ok((values, self.sum.hex()))
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot map a dump array; reading it");
+                let values = self.array(len, spare)?;
+                Ok((values, self.finish(file_len)?))
+            }
+        }
+    }
+}
+
+/// Zero bytes that follow `offset` bytes to reach a multiple of [`FILE_ALIGN`].
+fn padding(offset: u64) -> u64 {
+    offset.next_multiple_of(FILE_ALIGN) - offset
 }
 
 fn open_hashing(path: &Path) -> Result<(Hashing<File>, u64), String> {
@@ -170,19 +225,35 @@ fn open_hashing(path: &Path) -> Result<(Hashing<File>, u64), String> {
     Ok((reader, len))
 }
 
-/// Refuses a node count whose arrays could not fit in a file of `len` bytes, so that a
-/// damaged header never causes a huge allocation.
-fn check_fits(nodes: u64, bytes_per_node: u64, extra: u64, len: u64) -> Result<usize, String> {
-    let need = nodes
-        .checked_mul(bytes_per_node)
-        .and_then(|b| b.checked_add(extra))
-        .and_then(|b| b.checked_add(HEADER_BYTES as u64));
-    if need != Some(len) {
-        return Err(format!(
-            "file of {len} bytes cannot hold {nodes} nodes of {bytes_per_node} bytes"
-        ));
+/// Sizes of a file's parts for a given node count, in bytes.
+struct Layout {
+    nodes: u64,
+    /// Bytes of the small arrays per node, and in all beyond that.
+    small: (u64, u64),
+    /// Bytes of the final array per node.
+    last: u64,
+}
+
+impl Layout {
+    /// Refuses a node count whose arrays could not fit in a file of `len` bytes, so that a
+    /// damaged header never causes a huge allocation or a mapping past the file's end.
+    fn check(&self, len: u64) -> Result<usize, String> {
+        let small = self
+            .nodes
+            .checked_mul(self.small.0)
+            .and_then(|b| b.checked_add(self.small.1))
+            .and_then(|b| b.checked_add(HEADER_BYTES as u64));
+        let need = small
+            .and_then(|b| b.checked_add(padding(b)))
+            .and_then(|b| b.checked_add(self.nodes.checked_mul(self.last)?));
+        if need != Some(len) {
+            return Err(format!(
+                "file of {len} bytes cannot hold {} nodes",
+                self.nodes
+            ));
+        }
+        usize::try_from(self.nodes).map_err(|e| e.to_string())
     }
-    usize::try_from(nodes).map_err(|e| e.to_string())
 }
 
 impl GraphFile {
@@ -191,15 +262,21 @@ impl GraphFile {
         let (mut reader, len) = open_hashing(path)?;
         let header = reader.header(GRAPH_MAGIC)?;
         let stride = header.shape.base_stride() as u64;
-        let extra = header
+        let upper_bytes = header
             .upper_words
             .checked_mul(4)
             .ok_or("upper word count overflows")?;
-        let nodes = check_fits(header.nodes, 1 + 4 * stride, extra, len)?;
+        let layout = Layout {
+            nodes: header.nodes,
+            small: (1, upper_bytes),
+            last: 4 * stride,
+        };
+        let nodes = layout.check(len)?;
         let levels = reader.array::<u8>(nodes, spare)?;
-        let base = reader.array::<u32>(nodes * stride as usize, spare * stride as usize)?;
         let upper = reader.array::<u32>(header.upper_words as usize, 0)?;
-        let checksum = reader.finish(len)?;
+        reader.padding()?;
+        let stride = stride as usize;
+        let (base, checksum) = reader.last_array(nodes * stride, spare * stride, len)?;
         Ok(Self {
             header,
             levels,
@@ -207,6 +284,11 @@ impl GraphFile {
             upper,
             checksum,
         })
+    }
+
+    /// Whether the base-level lists are mapped from the file rather than read into memory.
+    pub fn is_mapped(&self) -> bool {
+        self.base.is_file_backed()
     }
 }
 
@@ -216,10 +298,15 @@ impl VectorFile {
         let (mut reader, len) = open_hashing(path)?;
         let header = reader.header(VECTOR_MAGIC)?;
         let dim = header.shape.dimension;
-        let nodes = check_fits(header.nodes, 8 + 4 * dim as u64, 0, len)?;
+        let layout = Layout {
+            nodes: header.nodes,
+            small: (8, 0),
+            last: 4 * dim as u64,
+        };
+        let nodes = layout.check(len)?;
         let slots = reader.array::<u64>(nodes, spare)?;
-        let vectors = reader.array::<f32>(nodes * dim, spare * dim)?;
-        let checksum = reader.finish(len)?;
+        reader.padding()?;
+        let (vectors, checksum) = reader.last_array(nodes * dim, spare * dim, len)?;
         Ok(Self {
             header,
             slots,
@@ -227,6 +314,28 @@ impl VectorFile {
             checksum,
         })
     }
+
+    /// Whether the vectors are mapped from the file rather than read into memory.
+    pub fn is_mapped(&self) -> bool {
+        self.vectors.is_file_backed()
+    }
+}
+
+/// Flushes the small arrays and moves to the next multiple of [`FILE_ALIGN`], leaving a hole
+/// (which reads as zeros) for the padding.
+fn start_last_array(out: BufWriter<File>) -> std::io::Result<File> {
+    let mut file = out.into_inner().map_err(|e| e.into_error())?;
+    let at = file.stream_position()?;
+    file.seek(SeekFrom::Start(at + padding(at)))?;
+    Ok(file)
+}
+
+/// Sets the length of a file whose last array may be empty (so that the padding hole is
+/// part of it) and flushes it.
+fn end_file(mut file: File) -> std::io::Result<()> {
+    let at = file.stream_position()?;
+    file.set_len(at)?;
+    file.flush()
 }
 
 /// Writes `values` in chunks of about [`WRITE_CHUNK`] bytes.
@@ -261,21 +370,26 @@ impl Hnsw {
         let mut out = BufWriter::with_capacity(WRITE_CHUNK, File::create(graph)?);
         out.write_all(&header.encode(GRAPH_MAGIC))?;
         write_array(&mut out, self.levels.row(0, len))?;
+        write_array(&mut out, &upper)?;
+        let mut file = start_last_array(out)?;
         let words = len * self.shape.base_stride();
-        let mut buffer = Vec::with_capacity(WRITE_CHUNK / 4);
-        for chunk in self.base[..words].chunks(WRITE_CHUNK / 4) {
+        let mut buffer = Vec::with_capacity(LAST_CHUNK / 4);
+        for chunk in self.base[..words].chunks(LAST_CHUNK / 4) {
             buffer.clear();
             buffer.extend(chunk.iter().map(|w| w.load(Ordering::Acquire)));
-            write_array(&mut out, &buffer)?;
+            file.write_all(bytes(&buffer))?;
         }
-        write_array(&mut out, &upper)?;
-        out.into_inner().map_err(|e| e.into_error())?.flush()?;
+        end_file(file)?;
 
         let mut out = BufWriter::with_capacity(WRITE_CHUNK, File::create(vectors)?);
         out.write_all(&header.encode(VECTOR_MAGIC))?;
         write_array(&mut out, self.slots.row(0, len))?;
-        write_array(&mut out, self.vectors.row(0, len * self.shape.dimension))?;
-        out.into_inner().map_err(|e| e.into_error())?.flush()
+        let mut file = start_last_array(out)?;
+        let values = self.vectors.row(0, len * self.shape.dimension);
+        for chunk in values.chunks(LAST_CHUNK / 4) {
+            file.write_all(bytes(chunk))?;
+        }
+        end_file(file)
     }
 
     /// Assembles a graph from its two files, checking that they belong together, match
@@ -303,14 +417,14 @@ impl Hnsw {
             shape,
             capacity,
             len: AtomicUsize::new(nodes),
-            vectors: Cells::from_vec(vectors.vectors),
-            slots: Cells::from_vec(vectors.slots),
-            levels: Cells::from_vec(graph.levels),
+            vectors: Cells::from_region(vectors.vectors),
+            slots: Cells::from_region(vectors.slots),
+            levels: Cells::from_region(graph.levels),
             upper: Cells::from_vec(upper),
-            base: atomics_from(graph.base),
+            base: graph.base.into_atomics(),
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
-            ranks: zeroed_atomics(capacity),
-            anchors: zeroed_atomics(capacity),
+            ranks: Region::zeroed(capacity),
+            anchors: Region::zeroed(capacity),
             unanchored: Mutex::new(Vec::new()),
             entry: AtomicU64::new(header.entry),
             entry_lock: Mutex::new(()),

@@ -27,14 +27,16 @@ pub(crate) mod distance;
 mod insert;
 mod io;
 mod reach;
+mod region;
 mod search;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use cells::{zeroed, zeroed_atomics, Cells};
+use cells::Cells;
 use distance::Dot;
+use region::Region;
 
 pub(crate) use io::{GraphFile, VectorFile};
 pub(crate) use search::Accept;
@@ -77,13 +79,13 @@ pub(crate) struct Hnsw {
     slots: Cells<u64>,
     levels: Cells<u8>,
     upper: Cells<Option<Box<[AtomicU32]>>>,
-    base: Box<[AtomicU32]>,
+    base: Region<AtomicU32>,
     locks: Box<[Mutex<()>]>,
     /// Rank of each node; changed only under the writer lock, between linking phases.
-    ranks: Box<[AtomicU32]>,
+    ranks: Region<AtomicU32>,
     /// Base-level links into each node from lower-ranked nodes; changed with the lists,
     /// under their owners' locks.
-    anchors: Box<[AtomicU32]>,
+    anchors: Region<AtomicU32>,
     /// Nodes that lost their last anchor during the running insert batch.
     unanchored: Mutex<Vec<u32>>,
     /// `level << 32 | node` of the entry point, or [`NO_ENTRY`].
@@ -119,14 +121,14 @@ impl Hnsw {
             shape,
             capacity,
             len: AtomicUsize::new(0),
-            vectors: Cells::from_vec(zeroed(capacity * shape.dimension)),
+            vectors: Cells::from_region(Region::zeroed(capacity * shape.dimension)),
             slots: Cells::from_vec(vec![0u64; capacity]),
             levels: Cells::from_vec(vec![0u8; capacity]),
             upper: Cells::from_vec((0..capacity).map(|_| None).collect()),
-            base: zeroed_atomics(capacity * shape.base_stride()),
+            base: Region::zeroed(capacity * shape.base_stride()),
             locks: (0..capacity).map(|_| Mutex::new(())).collect(),
-            ranks: zeroed_atomics(capacity),
-            anchors: zeroed_atomics(capacity),
+            ranks: Region::zeroed(capacity),
+            anchors: Region::zeroed(capacity),
             unanchored: Mutex::new(Vec::new()),
             entry: AtomicU64::new(NO_ENTRY),
             entry_lock: Mutex::new(()),

@@ -1,4 +1,7 @@
 use std::collections::HashSet;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -237,6 +240,32 @@ fn copies_with_room_answer_like_the_original() {
     }
 }
 
+/// Inserts into a graph reloaded from `links` and `data` after removing both files: the new
+/// nodes are found, and the files' bytes (still held by the mapping) never change.
+fn grow_a_mapped_graph(loaded: Hnsw, links: &Path, data: &Path) {
+    let before = [links, data].map(|p| std::fs::read(p).unwrap());
+    let (links_file, data_file) = (File::open(links).unwrap(), File::open(data).unwrap());
+    std::fs::remove_file(links).unwrap();
+    std::fs::remove_file(data).unwrap();
+
+    let extra = unit_vectors(16, 13);
+    let first = loaded.len() as u64;
+    let items: Vec<(&[f32], u64)> = (first..)
+        .zip(&extra)
+        .map(|(slot, v)| (v.as_slice(), slot))
+        .collect();
+    loaded.insert(&items);
+    for (slot, vector) in (first..).zip(&extra) {
+        assert_eq!(loaded.search(vector, 1, 40, None)[0].0, slot);
+    }
+    let after = [links_file, data_file].map(|mut f| {
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        bytes
+    });
+    assert!(before == after, "a reloaded graph wrote to its dump files");
+}
+
 #[test]
 fn dump_and_reload_give_the_same_graph() {
     let vectors = unit_vectors(1500, 9);
@@ -276,6 +305,7 @@ fn dump_and_reload_give_the_same_graph() {
     let file = GraphFile::read(&links, 0).unwrap();
     let vector_file = VectorFile::read(&data, 0).unwrap();
     assert!(Hnsw::from_files(other, file, vector_file, 0).is_err());
+    grow_a_mapped_graph(loaded, &links, &data);
 }
 
 #[test]
@@ -291,11 +321,13 @@ fn damaged_files_are_refused_not_trusted() {
     assert!(GraphFile::read(&links, 0).is_err(), "truncated file");
 
     let mut bad = bytes.clone();
-    let base = 8 + 11 * 4 + 300;
+    let stride = 4 * (1 + 2 * shape().max_connections);
+    let base = bytes.len() - 300 * stride;
     bad[base + 4..base + 8].copy_from_slice(&u32::MAX.to_ne_bytes());
     std::fs::write(&links, &bad).unwrap();
     let file = GraphFile::read(&links, 0).unwrap();
     let vector_file = VectorFile::read(&data, 0).unwrap();
+    assert!(file.is_mapped() && vector_file.is_mapped());
     let error = Hnsw::from_files(shape(), file, vector_file, 0)
         .err()
         .unwrap();
