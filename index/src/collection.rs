@@ -687,7 +687,11 @@ fn same_content(old: &Record, new: &Record) -> bool {
 }
 
 /// Total size of the files under `dir`; unreadable entries count as zero.
+/// Bytes the files under `dir` occupy on disk: allocated blocks, so the holes that pad graph
+/// dumps count for nothing.
 fn dir_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -695,7 +699,7 @@ fn dir_size(dir: &Path) -> u64 {
         .flatten()
         .map(|entry| match entry.metadata() {
             Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
-            Ok(meta) => meta.len(),
+            Ok(meta) => meta.blocks() * 512,
             Err(_) => 0,
         })
         .sum()

@@ -330,7 +330,8 @@ fn read_manifest(dir: &Path) -> std::result::Result<Manifest, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("manifest: {e}"))
 }
 
-/// Checks the file list and lengths against the manifest (cheap, before any read).
+/// Checks the file list and lengths against the manifest, and that the point count fits the
+/// vector file, so that a damaged manifest never sizes an allocation (cheap, before any read).
 fn check_lengths(dir: &Path, manifest: &Manifest) -> std::result::Result<(), String> {
     let expected = dump_files(&manifest.basename);
     let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
@@ -345,6 +346,14 @@ fn check_lengths(dir: &Path, manifest: &Manifest) -> std::result::Result<(), Str
                 file.name, file.len
             ));
         }
+    }
+    let per_point = 8 + 4 * manifest.dimension as u64;
+    let fits = (manifest.points as u64).checked_mul(per_point);
+    if fits.is_none_or(|bytes| bytes > manifest.files[1].len) {
+        return Err(format!(
+            "{} points cannot fit the vector file",
+            manifest.points
+        ));
     }
     Ok(())
 }

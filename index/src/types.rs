@@ -192,6 +192,7 @@ pub struct Stats {
     pub graph_epoch: u64,
     /// Epoch of the graph dump on disk, if a valid one was written or loaded.
     pub dumped_epoch: Option<u64>,
-    /// Size of every file in the collection directory.
+    /// Disk space the files of the collection directory occupy (allocated blocks, so
+    /// file holes count for nothing).
     pub bytes_on_disk: u64,
 }

@@ -80,6 +80,13 @@ fn truncated_data_file_forces_a_rebuild() {
 fn garbage_manifest_pointer_or_missing_dump_forces_a_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let vectors = populated(dir.path());
+    let manifest = dump_file(dir.path(), "manifest.json");
+    let mut fields: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    fields["points"] = serde_json::json!(1u64 << 50);
+    fs::write(&manifest, serde_json::to_vec(&fields).unwrap()).unwrap();
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+
     fs::write(dump_file(dir.path(), "manifest.json"), b"{ not json").unwrap();
     reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
 

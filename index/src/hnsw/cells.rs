@@ -4,7 +4,6 @@
 
 #![allow(unsafe_code)]
 
-use std::cell::UnsafeCell;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 
@@ -18,18 +17,17 @@ use super::region::{Region, Zeroed};
 pub(crate) struct Cells<T> {
     ptr: NonNull<T>,
     len: usize,
-    /// Owns the memory `ptr` points into; never accessed directly.
-    _storage: Storage<T>,
+    /// Owns the memory `ptr` points into.
+    storage: Storage<T>,
 }
 
-/// The memory behind a [`Cells`], held only to own it.
-#[expect(
-    dead_code,
-    reason = "the storage is reached through `Cells::ptr`, never read"
-)]
+/// The memory behind a [`Cells`].
 enum Storage<T> {
-    Heap(Box<[UnsafeCell<T>]>),
-    Region(Region<T>),
+    /// A boxed slice turned into `Cells::ptr` and `Cells::len` (`Box::into_raw`), rebuilt
+    /// only to be dropped.
+    Heap,
+    /// A mapped region, held only to own it; `Cells::ptr` points into it.
+    Region(#[expect(dead_code, reason = "reached through `Cells::ptr`")] Region<T>),
 }
 
 // SAFETY: concurrent access follows the write-once protocol above, so a shared `Cells` only
@@ -39,19 +37,15 @@ unsafe impl<T: Send + Sync> Sync for Cells<T> {}
 unsafe impl<T: Send> Send for Cells<T> {}
 
 impl<T> Cells<T> {
-    /// Takes ownership of `values` without copying.
+    /// Takes ownership of `values` (copied only when it has spare capacity).
     pub fn from_vec(values: Vec<T>) -> Self {
-        let mut values = std::mem::ManuallyDrop::new(values);
-        let (ptr, len, cap) = (values.as_mut_ptr(), values.len(), values.capacity());
-        // SAFETY: `UnsafeCell<T>` is `repr(transparent)` over `T`, so the allocation has the
-        // same layout; ownership moves from the forgotten vector.
-        let cells = unsafe { Vec::from_raw_parts(ptr.cast::<UnsafeCell<T>>(), len, cap) };
-        let mut cells = cells.into_boxed_slice();
-        let ptr = NonNull::from(&mut cells[..]).cast::<T>();
+        let len = values.len();
+        let raw = Box::into_raw(values.into_boxed_slice());
+        let ptr = NonNull::new(raw.cast::<T>()).expect("boxes are never null");
         Self {
             ptr,
             len,
-            _storage: Storage::Heap(cells),
+            storage: Storage::Heap,
         }
     }
 
@@ -62,7 +56,7 @@ impl<T> Cells<T> {
         Self {
             ptr,
             len,
-            _storage: Storage::Region(region),
+            storage: Storage::Region(region),
         }
     }
 
@@ -107,6 +101,17 @@ impl<T> Cells<T> {
         assert!(index < self.len, "cell {index} of {}", self.len);
         // SAFETY: in bounds; exclusive access to this element is the caller's obligation.
         unsafe { *self.ptr.as_ptr().add(index) = value };
+    }
+}
+
+impl<T> Drop for Cells<T> {
+    fn drop(&mut self) {
+        if let Storage::Heap = self.storage {
+            let raw = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+            // SAFETY: `ptr` and `len` came from `Box::into_raw` in `from_vec` and are
+            // released only here.
+            drop(unsafe { Box::from_raw(raw) });
+        }
     }
 }
 

@@ -321,6 +321,12 @@ impl VectorFile {
     }
 }
 
+/// Creates a file that must not exist yet: a dump file that a reloaded graph maps must never
+/// be rewritten in place.
+fn create_new(path: &Path) -> std::io::Result<File> {
+    File::options().write(true).create_new(true).open(path)
+}
+
 /// Flushes the small arrays and moves to the next multiple of [`FILE_ALIGN`], leaving a hole
 /// (which reads as zeros) for the padding.
 fn start_last_array(out: BufWriter<File>) -> std::io::Result<File> {
@@ -356,8 +362,8 @@ impl Hnsw {
         }
     }
 
-    /// Writes the graph file and the vector file (not synced). Waits for a running insert
-    /// batch; searches go on.
+    /// Writes the graph file and the vector file (not synced), which must not exist yet.
+    /// Waits for a running insert batch; searches go on.
     pub fn write_files(&self, graph: &Path, vectors: &Path) -> std::io::Result<()> {
         let _writer = self.writer.lock();
         let len = self.len();
@@ -367,7 +373,7 @@ impl Hnsw {
             .collect();
         let header = self.header(len, upper.len());
 
-        let mut out = BufWriter::with_capacity(WRITE_CHUNK, File::create(graph)?);
+        let mut out = BufWriter::with_capacity(WRITE_CHUNK, create_new(graph)?);
         out.write_all(&header.encode(GRAPH_MAGIC))?;
         write_array(&mut out, self.levels.row(0, len))?;
         write_array(&mut out, &upper)?;
@@ -381,7 +387,7 @@ impl Hnsw {
         }
         end_file(file)?;
 
-        let mut out = BufWriter::with_capacity(WRITE_CHUNK, File::create(vectors)?);
+        let mut out = BufWriter::with_capacity(WRITE_CHUNK, create_new(vectors)?);
         out.write_all(&header.encode(VECTOR_MAGIC))?;
         write_array(&mut out, self.slots.row(0, len))?;
         let mut file = start_last_array(out)?;

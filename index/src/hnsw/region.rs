@@ -67,6 +67,10 @@ impl<T: Zeroed> Region<T> {
     /// Panics when the system refuses the address space, as a failed allocation would.
     pub fn zeroed(len: usize) -> Self {
         let bytes = byte_len::<T>(len);
+        if bytes == 0 {
+            let empty = NonNull::<T>::dangling().cast::<u8>();
+            return Self::from_parts((empty, 0), empty, len, false);
+        }
         let Some(ptr) = map_anonymous(bytes) else {
             panic!("cannot reserve {bytes} bytes of address space");
         };
@@ -82,12 +86,12 @@ impl<T: Zeroed> Region<T> {
     /// Errors: the system cannot map the file there (another page size, a file system
     /// without mapping support); callers read the file instead.
     pub fn map_file(file: &File, offset: u64, len: usize, spare: usize) -> std::io::Result<Self> {
-        let bytes = byte_len::<T>(len + spare);
+        let bytes = byte_len::<T>(len.checked_add(spare).expect("array length overflows"));
         let file_bytes = byte_len::<T>(len);
         if !offset.is_multiple_of(FILE_ALIGN) {
             return Err(std::io::Error::other("array offset is not aligned"));
         }
-        let reserved = bytes + HUGE;
+        let reserved = bytes.checked_add(HUGE).expect("array size overflows");
         let start = map_anonymous(reserved).ok_or_else(std::io::Error::last_os_error)?;
         // Places the array so that addresses and file offsets agree modulo 2 MiB, which lets
         // the kernel map the file's huge page-cache folios with single huge-page entries.
@@ -156,8 +160,10 @@ impl<T> std::ops::Deref for Region<T> {
     type Target = [T];
 
     fn deref(&self) -> &[T] {
-        // SAFETY: the mapping holds `len` initialised values (zero bytes are valid for
-        // every `Zeroed` type, and file bytes are plain numbers) and lives as long as self.
+        // SAFETY: `ptr` is aligned for `T` (page-aligned mappings, offsets that are multiples
+        // of `T`'s size, or `NonNull::dangling` when empty); the mapping holds `len`
+        // initialised values (zero bytes are valid for every `Zeroed` type, and file bytes
+        // are plain numbers) and lives as long as self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -195,12 +201,9 @@ fn round_to_page(bytes: usize) -> usize {
     bytes.next_multiple_of(page_size())
 }
 
-/// A private anonymous mapping of `bytes` zeroed bytes that reserves no swap; a dangling
-/// pointer for 0 bytes. `None` when the system refuses.
+/// A private anonymous mapping of `bytes` (more than 0) zeroed bytes that reserves no swap.
+/// `None` when the system refuses.
 fn map_anonymous(bytes: usize) -> Option<NonNull<u8>> {
-    if bytes == 0 {
-        return Some(NonNull::dangling());
-    }
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: a fresh anonymous mapping touches no existing memory.
@@ -289,7 +292,8 @@ mod tests {
         let atomics = region.into_atomics();
         assert_eq!(atomics[5].load(Ordering::Relaxed), 7);
         assert_eq!(atomics[(3 << 20) - 1].load(Ordering::Relaxed), 9);
-        assert!(Region::<f32>::zeroed(0).is_empty());
+        let empty = Region::<f32>::zeroed(0);
+        assert!(empty.is_empty() && empty.as_ptr().is_aligned());
     }
 
     #[test]
