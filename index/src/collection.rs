@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::graph::{DumpDir, Graph, LoadedDump};
 use crate::slots::{Postings, SlotInfo, SlotTable};
-use crate::store::{ItemWrite, Record, Store, WriteBatch};
+use crate::store::{ItemWrite, Record, Store};
 use crate::types::{GraphOrigin, HnswParams, Item, ItemKind, Settings, Stats, UpsertOutcome};
 use crate::vector;
 
@@ -457,7 +457,7 @@ impl Inner {
 
     fn write_items(&self, prepared: Vec<Prepared>) -> Result<Vec<UpsertOutcome>> {
         let mut next_slot = self.writer.lock();
-        let mut batch = WriteBatch::default();
+        let mut batch = self.store.batch();
         let mut pending: HashMap<String, Record> = HashMap::new();
         let mut outcomes = Vec::with_capacity(prepared.len());
         let mut applied = Vec::new();
@@ -560,7 +560,7 @@ impl Inner {
             .store
             .record(id)?
             .ok_or_else(|| Error::UnknownId { id: id.to_string() })?;
-        let mut batch = WriteBatch::default();
+        let mut batch = self.store.batch();
         batch.remove(id, &record);
 
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
@@ -703,4 +703,114 @@ fn dir_size(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::store::tests::write_split_item;
+    use crate::types::{Filter, SearchRequest};
+
+    const DIM: usize = 4;
+
+    fn settings() -> Settings {
+        Settings {
+            dimension: DIM,
+            metric: crate::types::Metric::Cosine,
+            hnsw: HnswParams::default(),
+            model_id: "test-model".into(),
+        }
+    }
+
+    fn axis(i: usize) -> Vec<f32> {
+        let mut v = vec![0.0; DIM];
+        v[i] = 1.0;
+        v
+    }
+
+    fn item(id: &str, i: usize, hash: u8) -> Item {
+        Item {
+            id: id.into(),
+            kind: ItemKind::Image,
+            vector: axis(i),
+            metadata: BTreeMap::new(),
+            content_hash: [hash; 32],
+            payload: Some(id.as_bytes().to_vec()),
+        }
+    }
+
+    fn nearest(collection: &Collection, i: usize) -> String {
+        let query = axis(i);
+        let request = SearchRequest {
+            vector: &query,
+            k: 1,
+            ef: None,
+            filter: Filter::default(),
+            exact: false,
+        };
+        let hits = collection.search(&request).expect("search");
+        hits.first().map(|h| h.id.clone()).unwrap_or_default()
+    }
+
+    /// A collection whose items sit under separate record and vector keys, as collections
+    /// created before the joined layout hold them.
+    fn split_collection(dir: &Path) {
+        let db = sled::open(dir.join(crate::store::SLED_DIR)).expect("raw open");
+        let json = serde_json::to_vec(&settings()).expect("settings encode");
+        db.insert("m/settings", json).expect("insert");
+        db.insert("m/next_slot", &2u64.to_be_bytes())
+            .expect("insert");
+        for (slot, id) in ["a", "b"].into_iter().enumerate() {
+            let record = Record {
+                slot: slot as u64,
+                kind: ItemKind::Image,
+                content_hash: [slot as u8; 32],
+                metadata: BTreeMap::new(),
+                has_payload: false,
+            };
+            write_split_item(&db, id, &record, &axis(slot));
+        }
+    }
+
+    #[test]
+    fn a_collection_with_split_keys_opens_and_keeps_working() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        split_collection(dir.path());
+
+        let collection = Collection::open(dir.path(), settings()).expect("open");
+        assert_eq!(collection.graph_origin(), GraphOrigin::Rebuilt);
+        assert_eq!(
+            collection.get("b").expect("get").expect("b").vector,
+            axis(1)
+        );
+        assert_eq!(nearest(&collection, 1), "b");
+        let outcomes = collection
+            .upsert(vec![item("a", 2, 7), item("c", 3, 8), item("b", 1, 1)])
+            .expect("upsert");
+        let expected = [
+            UpsertOutcome::Replaced,
+            UpsertOutcome::Inserted,
+            UpsertOutcome::Replaced,
+        ];
+        assert_eq!(outcomes, expected, "b gains a payload, so it is replaced");
+        collection.delete("b").expect("delete");
+        collection.close().expect("close");
+
+        std::fs::remove_dir_all(dir.path().join(crate::graph::GRAPH_DIR))
+            .expect("graph dump removed");
+        let reopened = Collection::open(dir.path(), settings()).expect("reopen");
+        assert_eq!(reopened.graph_origin(), GraphOrigin::Rebuilt);
+        let a = reopened.get("a").expect("get").expect("a");
+        assert_eq!((a.vector, a.payload), (axis(2), Some(b"a".to_vec())));
+        assert_eq!(reopened.get("b").expect("get"), None);
+        assert_eq!(nearest(&reopened, 3), "c");
+        assert_eq!(nearest(&reopened, 2), "a");
+        assert_eq!(
+            reopened.find_by_hash(&[0; 32]).expect("scan"),
+            Vec::<String>::new()
+        );
+        assert_eq!(reopened.stats().expect("stats").images, 2);
+    }
 }

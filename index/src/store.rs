@@ -1,6 +1,11 @@
 //! The durable side of a collection: one sled tree holding items, vectors, payloads, the
 //! hash index and the collection's counters, under distinct key prefixes so that a whole
 //! write batch is applied atomically.
+//!
+//! Every key written costs sled a descent, a copy of the leaf it lands in and, as leaves
+//! fill, splits that rewrite the parent, so a collection created by this version keeps an
+//! item's record and vector in one entry ([`Layout::Joined`]). Collections created before
+//! keep them under two keys ([`Layout::Split`]) and are read and written that way.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,7 @@ pub(crate) const SLED_DIR: &str = "items.sled";
 const KEY_SETTINGS: &[u8] = b"m/settings";
 const KEY_EPOCH: &[u8] = b"m/epoch";
 const KEY_NEXT_SLOT: &[u8] = b"m/next_slot";
+const KEY_LAYOUT: &[u8] = b"m/layout";
 const PREFIX_RECORD: u8 = b'i';
 const PREFIX_VECTOR: u8 = b'v';
 const PREFIX_PAYLOAD: u8 = b'p';
@@ -37,10 +43,28 @@ pub(crate) struct Record {
     pub has_payload: bool,
 }
 
+/// Where an item's record and vector are kept, fixed when the collection is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Record under `i` + id, vector under `v` + id: collections created before the joined
+    /// layout existed, recognised by having data but no `m/layout` key.
+    Split,
+    /// One entry under `i` + id: the bincode record followed by the vector's little-endian
+    /// bytes. Recorded as `m/layout` = 2.
+    Joined,
+}
+
+impl Layout {
+    /// Number stored under `m/layout`; the split layout predates the key and is never
+    /// written.
+    const JOINED_CODE: u64 = 2;
+}
+
 /// Handle on the sled database of one collection.
 pub(crate) struct Store {
     db: sled::Db,
     path: PathBuf,
+    layout: Layout,
 }
 
 fn key(prefix: u8, id: &str) -> Vec<u8> {
@@ -56,6 +80,11 @@ fn hash_key(hash: &[u8; 32], id: &str) -> Vec<u8> {
     key.extend_from_slice(hash);
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// Appends a vector's bytes as [`vector::to_bytes`] encodes them.
+fn append_vector(out: &mut Vec<u8>, vector: &[f32]) {
+    out.extend(vector.iter().flat_map(|x| x.to_le_bytes()));
 }
 
 fn read_u64(bytes: Option<sled::IVec>) -> u64 {
@@ -77,7 +106,10 @@ impl Store {
                 .path(&path)
                 .mode(sled::Mode::HighThroughput);
             match config.open() {
-                Ok(db) => return Ok(Self { db, path }),
+                Ok(db) => {
+                    let layout = settle_layout(&db).map_err(|e| Error::storage(&path, e))?;
+                    return Ok(Self { db, path, layout });
+                }
                 Err(e) if is_lock_held(&e) && started.elapsed() < LOCK_WAIT => {
                     std::thread::sleep(LOCK_RETRY);
                 }
@@ -88,6 +120,20 @@ impl Store {
 
     fn fail(&self, cause: impl std::fmt::Display) -> Error {
         Error::storage(&self.path, cause)
+    }
+
+    /// How this collection lays out its items.
+    #[cfg(test)]
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// An empty batch for this store's layout.
+    pub fn batch(&self) -> WriteBatch {
+        WriteBatch {
+            batch: sled::Batch::default(),
+            layout: self.layout,
+        }
     }
 
     /// Records `requested` on first open; afterwards refuses a different dimension, metric
@@ -131,22 +177,30 @@ impl Store {
         bytes.map(|b| self.decode_record(id, &b)).transpose()
     }
 
+    /// Decodes a record; in the joined layout the vector bytes that follow it are left
+    /// unread.
     fn decode_record(&self, id: &str, bytes: &[u8]) -> Result<Record> {
         bincode::deserialize(bytes).map_err(|e| self.fail(format!("record {id:?}: {e}")))
     }
 
     /// The stored vector of a live item.
     pub fn vector(&self, id: &str, dimension: usize) -> Result<Option<Vec<f32>>> {
-        let bytes = self
-            .db
-            .get(key(PREFIX_VECTOR, id))
-            .map_err(|e| self.fail(e))?;
+        let prefix = match self.layout {
+            Layout::Split => PREFIX_VECTOR,
+            Layout::Joined => PREFIX_RECORD,
+        };
+        let bytes = self.db.get(key(prefix, id)).map_err(|e| self.fail(e))?;
         let Some(bytes) = bytes else {
             return Ok(None);
         };
-        vector::from_bytes(&bytes, dimension)
+        let mut stored: &[u8] = &bytes;
+        if self.layout == Layout::Joined {
+            bincode::deserialize_from::<_, Record>(&mut stored)
+                .map_err(|e| self.fail(format!("record {id:?}: {e}")))?;
+        }
+        vector::from_bytes(stored, dimension)
             .map(Some)
-            .ok_or_else(|| self.fail(format!("vector of {id:?} has {} bytes", bytes.len())))
+            .ok_or_else(|| self.fail(format!("vector of {id:?} has {} bytes", stored.len())))
     }
 
     /// The stored payload of a live item.
@@ -233,10 +287,34 @@ fn check_identity(stored: &Settings, requested: &Settings) -> Result<()> {
     Ok(())
 }
 
-/// Writes collected for one atomic commit.
-#[derive(Default)]
+/// Reads the layout of an existing database, or records the joined layout in a new, empty
+/// one (flushed, so it is durable before any item is written). A layout number this
+/// version does not know is refused.
+fn settle_layout(db: &sled::Db) -> std::result::Result<Layout, String> {
+    let stored = db.get(KEY_LAYOUT).map_err(|e| e.to_string())?;
+    match stored {
+        Some(bytes) => match read_u64(Some(bytes)) {
+            Layout::JOINED_CODE => Ok(Layout::Joined),
+            other => Err(format!(
+                "unknown item layout {other} under m/layout; this version reads the split \
+                 layout (no m/layout key) and layout {}",
+                Layout::JOINED_CODE
+            )),
+        },
+        None if db.is_empty() => {
+            let code = Layout::JOINED_CODE.to_be_bytes();
+            db.insert(KEY_LAYOUT, &code).map_err(|e| e.to_string())?;
+            db.flush().map_err(|e| e.to_string())?;
+            Ok(Layout::Joined)
+        }
+        None => Ok(Layout::Split),
+    }
+}
+
+/// Writes collected for one atomic commit, encoded for the store's layout.
 pub(crate) struct WriteBatch {
     batch: sled::Batch,
+    layout: Layout,
 }
 
 /// One item to write.
@@ -254,23 +332,35 @@ pub(crate) struct ItemWrite<'a> {
 }
 
 impl WriteBatch {
-    /// Stores an item, replacing the hash entry and payload of its previous version.
+    /// Stores an item, replacing the hash entry and payload of its previous version. A
+    /// payload key exists exactly when the record says `has_payload`, so an item whose
+    /// previous version had none (or that is new) needs no payload removal.
     pub fn put(&mut self, write: &ItemWrite<'_>) -> Result<()> {
+        let id = write.id;
         if let Some(previous) = write.previous {
-            self.batch
-                .remove(hash_key(&previous.content_hash, write.id));
+            if previous.content_hash != write.record.content_hash {
+                self.batch.remove(hash_key(&previous.content_hash, id));
+            }
         }
-        let record = bincode::serialize(write.record)
-            .map_err(|e| Error::storage(SLED_DIR, format!("encoding {:?}: {e}", write.id)))?;
-        self.batch.insert(key(PREFIX_RECORD, write.id), record);
+        let mut record = Vec::with_capacity(64 + write.vector.len() * 4);
+        bincode::serialize_into(&mut record, write.record)
+            .map_err(|e| Error::storage(SLED_DIR, format!("encoding {id:?}: {e}")))?;
+        match self.layout {
+            Layout::Split => {
+                let vector = vector::to_bytes(write.vector);
+                self.batch.insert(key(PREFIX_VECTOR, id), vector);
+            }
+            Layout::Joined => append_vector(&mut record, write.vector),
+        }
+        self.batch.insert(key(PREFIX_RECORD, id), record);
         self.batch
-            .insert(key(PREFIX_VECTOR, write.id), vector::to_bytes(write.vector));
-        self.batch
-            .insert(hash_key(&write.record.content_hash, write.id), &[]);
+            .insert(hash_key(&write.record.content_hash, id), &[]);
 
+        let had_payload = write.previous.is_some_and(|p| p.has_payload);
         match write.payload {
-            Some(bytes) => self.batch.insert(key(PREFIX_PAYLOAD, write.id), bytes),
-            None => self.batch.remove(key(PREFIX_PAYLOAD, write.id)),
+            Some(bytes) => self.batch.insert(key(PREFIX_PAYLOAD, id), bytes),
+            None if had_payload => self.batch.remove(key(PREFIX_PAYLOAD, id)),
+            None => {}
         }
         Ok(())
     }
@@ -278,7 +368,9 @@ impl WriteBatch {
     /// Removes every entry of an item.
     pub fn remove(&mut self, id: &str, record: &Record) {
         self.batch.remove(key(PREFIX_RECORD, id));
-        self.batch.remove(key(PREFIX_VECTOR, id));
+        if self.layout == Layout::Split {
+            self.batch.remove(key(PREFIX_VECTOR, id));
+        }
         self.batch.remove(key(PREFIX_PAYLOAD, id));
         self.batch.remove(hash_key(&record.content_hash, id));
     }
@@ -301,8 +393,169 @@ fn is_lock_held(error: &sled::Error) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    fn record(slot: u64, hash: u8, has_payload: bool) -> Record {
+        Record {
+            slot,
+            kind: ItemKind::Text,
+            content_hash: [hash; 32],
+            metadata: BTreeMap::from([("album".to_string(), "x".to_string())]),
+            has_payload,
+        }
+    }
+
+    fn put(store: &Store, id: &str, new: &Record, vector: &[f32], previous: Option<&Record>) {
+        let payload = new.has_payload.then_some(&b"bytes"[..]);
+        let mut batch = store.batch();
+        let write = ItemWrite {
+            id,
+            record: new,
+            vector,
+            payload,
+            previous,
+        };
+        batch.put(&write).expect("record encodes");
+        store.commit(batch, new.slot + 1).expect("commit");
+    }
+
+    /// Writes one item the way collections created before the joined layout hold it.
+    pub(crate) fn write_split_item(db: &sled::Db, id: &str, record: &Record, vector: &[f32]) {
+        let encoded = bincode::serialize(record).expect("record encodes");
+        db.insert(key(PREFIX_RECORD, id), encoded).expect("insert");
+        db.insert(key(PREFIX_VECTOR, id), vector::to_bytes(vector))
+            .expect("insert");
+        db.insert(hash_key(&record.content_hash, id), &[])
+            .expect("insert");
+        db.insert(KEY_EPOCH, &1u64.to_be_bytes()).expect("insert");
+        db.flush().expect("flush");
+    }
+
+    #[test]
+    fn a_new_store_joins_record_and_vector_under_one_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.layout(), Layout::Joined);
+        let new = record(0, 1, false);
+        put(&store, "a", &new, &[1.0, -2.5, 3.0], None);
+
+        assert_eq!(store.record("a").expect("read"), Some(new.clone()));
+        assert_eq!(
+            store.vector("a", 3).expect("read"),
+            Some(vec![1.0, -2.5, 3.0])
+        );
+        assert!(
+            store.vector("a", 4).is_err(),
+            "a wrong dimension is reported"
+        );
+        let raw = store.db.get(key(PREFIX_VECTOR, "a")).expect("read");
+        assert_eq!(raw, None, "no separate vector key");
+        let records: Vec<_> = store.records().map(|r| r.expect("record")).collect();
+        assert_eq!(records, vec![("a".to_string(), new)]);
+        drop(store);
+
+        let reopened = Store::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.layout(), Layout::Joined);
+        assert_eq!(
+            reopened.vector("a", 3).expect("read"),
+            Some(vec![1.0, -2.5, 3.0])
+        );
+    }
+
+    #[test]
+    fn a_store_written_with_split_keys_is_read_and_written_that_way() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path().join(SLED_DIR)).expect("raw open");
+        let old = record(0, 1, false);
+        write_split_item(&db, "a", &old, &[0.5, 0.25]);
+        drop(db);
+
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.layout(), Layout::Split);
+        assert_eq!(store.record("a").expect("read"), Some(old.clone()));
+        assert_eq!(store.vector("a", 2).expect("read"), Some(vec![0.5, 0.25]));
+
+        let new = record(1, 2, false);
+        put(&store, "a", &new, &[2.0, 4.0], Some(&old));
+        put(&store, "b", &record(2, 3, false), &[1.0, 1.0], None);
+        assert_eq!(store.vector("a", 2).expect("read"), Some(vec![2.0, 4.0]));
+        let raw = store.db.get(key(PREFIX_VECTOR, "b")).expect("read");
+        assert_eq!(raw.as_deref(), Some(&vector::to_bytes(&[1.0, 1.0])[..]));
+        assert_eq!(
+            store.ids_with_hash(&[1; 32]).expect("scan"),
+            Vec::<String>::new()
+        );
+        assert_eq!(store.ids_with_hash(&[2; 32]).expect("scan"), vec!["a"]);
+
+        let mut batch = store.batch();
+        batch.remove("b", &record(2, 3, false));
+        store.commit(batch, 9).expect("commit");
+        let raw = store.db.get(key(PREFIX_VECTOR, "b")).expect("read");
+        assert_eq!(raw, None, "a delete removes the separate vector key");
+        drop(store);
+        let reopened = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            reopened.layout(),
+            Layout::Split,
+            "the layout is never changed"
+        );
+    }
+
+    #[test]
+    fn an_unknown_layout_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path().join(SLED_DIR)).expect("raw open");
+        db.insert(KEY_LAYOUT, &7u64.to_be_bytes()).expect("insert");
+        db.flush().expect("flush");
+        drop(db);
+
+        let Err(error) = Store::open(dir.path()) else {
+            panic!("an unknown layout must be refused");
+        };
+        assert!(
+            error.to_string().contains("unknown item layout 7"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn replacing_or_deleting_an_item_leaves_no_stale_payload_or_hash() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let with_payload = record(0, 1, true);
+        put(&store, "a", &with_payload, &[1.0], None);
+        assert_eq!(
+            store.payload("a").expect("read").as_deref(),
+            Some(&b"bytes"[..])
+        );
+
+        let without = record(1, 2, false);
+        put(&store, "a", &without, &[2.0], Some(&with_payload));
+        assert_eq!(store.payload("a").expect("read"), None);
+        assert_eq!(
+            store.ids_with_hash(&[1; 32]).expect("scan"),
+            Vec::<String>::new()
+        );
+
+        let same_hash = Record {
+            slot: 2,
+            metadata: BTreeMap::new(),
+            ..without.clone()
+        };
+        put(&store, "a", &same_hash, &[3.0], Some(&without));
+        assert_eq!(store.ids_with_hash(&[2; 32]).expect("scan"), vec!["a"]);
+
+        let mut batch = store.batch();
+        batch.remove("a", &same_hash);
+        store.commit(batch, 9).expect("commit");
+        assert_eq!(store.record("a").expect("read"), None);
+        assert_eq!(store.vector("a", 1).expect("read"), None);
+        assert_eq!(
+            store.ids_with_hash(&[2; 32]).expect("scan"),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn an_open_waits_for_a_handle_that_is_being_dropped() {
