@@ -362,6 +362,11 @@ fn initial_state(
     tables: &Tables,
 ) -> Result<(Graph, GraphOrigin, Option<u64>)> {
     match dump {
+        Ok(dump) if dump.collection != store.collection_id() => tracing::info!(
+            dump = %dump.collection,
+            store = %store.collection_id(),
+            "graph dump belongs to another collection; rebuilding the graph"
+        ),
         Ok(dump) if dump.epoch != epoch => tracing::info!(
             dump = dump.epoch,
             store = epoch,
@@ -656,8 +661,9 @@ impl Inner {
         let epoch = self.epoch.load(Ordering::Acquire);
         let view = self.slots.view();
         let items: Vec<(u64, &SlotInfo)> = view.iter_live().collect();
+        let owner = (self.store.collection_id(), epoch);
         self.dumps
-            .write(&graph, &items, epoch, &self.settings.hnsw)?;
+            .write(&graph, &items, owner, &self.settings.hnsw)?;
         self.dumped_epoch.store(epoch, Ordering::Release);
         self.dirty.store(false, Ordering::Release);
         Ok(())
@@ -686,9 +692,8 @@ fn same_content(old: &Record, new: &Record) -> bool {
         && old.has_payload == new.has_payload
 }
 
-/// Total size of the files under `dir`; unreadable entries count as zero.
 /// Bytes the files under `dir` occupy on disk: allocated blocks, so the holes that pad graph
-/// dumps count for nothing.
+/// dumps count for nothing; unreadable entries count as zero.
 fn dir_size(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
 

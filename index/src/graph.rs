@@ -93,6 +93,9 @@ impl Graph {
 #[derive(Debug, Serialize, Deserialize)]
 struct Manifest {
     format: u32,
+    /// Id of the collection the dump belongs to (empty in dumps written before ids).
+    #[serde(default)]
+    collection: String,
     epoch: u64,
     basename: String,
     points: usize,
@@ -155,6 +158,8 @@ pub(crate) type DumpedItems = Vec<(u64, SlotInfo)>;
 
 /// A dump read back by [`DumpDir::load`].
 pub(crate) struct LoadedDump {
+    /// Id of the collection the dump was written for.
+    pub collection: String,
     /// Write epoch of the store that the dump reflects.
     pub epoch: u64,
     /// The graph, checked and ranked.
@@ -184,7 +189,7 @@ impl DumpDir {
         &self,
         graph: &Graph,
         items: &[(u64, &SlotInfo)],
-        epoch: u64,
+        (collection, epoch): (&str, u64),
         params: &HnswParams,
     ) -> Result<()> {
         fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
@@ -205,7 +210,8 @@ impl DumpDir {
             .map_err(|e| io_error(&dir, format!("graph dump failed: {e}")))?;
         write_items(&items_file, items)?;
 
-        let manifest = self.describe(&dir, graph, items.len(), epoch, params)?;
+        let mut manifest = self.describe(&dir, graph, items.len(), epoch, params)?;
+        manifest.collection = collection.to_string();
         self.publish(&dir, &name, &manifest)?;
         self.remove_stale(Some(&name));
         Ok(())
@@ -234,6 +240,7 @@ impl DumpDir {
         }
         Ok(Manifest {
             format: DUMP_FORMAT,
+            collection: String::new(),
             epoch,
             basename: BASENAME.to_string(),
             points: graph.len(),
@@ -312,6 +319,7 @@ impl DumpDir {
             ));
         }
         Ok(LoadedDump {
+            collection: manifest.collection,
             epoch: manifest.epoch,
             graph,
             items,

@@ -23,6 +23,7 @@ const KEY_SETTINGS: &[u8] = b"m/settings";
 const KEY_EPOCH: &[u8] = b"m/epoch";
 const KEY_NEXT_SLOT: &[u8] = b"m/next_slot";
 const KEY_LAYOUT: &[u8] = b"m/layout";
+const KEY_COLLECTION_ID: &[u8] = b"m/collection_id";
 const PREFIX_RECORD: u8 = b'i';
 const PREFIX_VECTOR: u8 = b'v';
 const PREFIX_PAYLOAD: u8 = b'p';
@@ -65,6 +66,7 @@ pub(crate) struct Store {
     db: sled::Db,
     path: PathBuf,
     layout: Layout,
+    collection_id: String,
 }
 
 fn key(prefix: u8, id: &str) -> Vec<u8> {
@@ -108,7 +110,14 @@ impl Store {
             match config.open() {
                 Ok(db) => {
                     let layout = settle_layout(&db).map_err(|e| Error::storage(&path, e))?;
-                    return Ok(Self { db, path, layout });
+                    let collection_id =
+                        settle_collection_id(&db, &path).map_err(|e| Error::storage(&path, e))?;
+                    return Ok(Self {
+                        db,
+                        path,
+                        layout,
+                        collection_id,
+                    });
                 }
                 Err(e) if is_lock_held(&e) && started.elapsed() < LOCK_WAIT => {
                     std::thread::sleep(LOCK_RETRY);
@@ -120,6 +129,13 @@ impl Store {
 
     fn fail(&self, cause: impl std::fmt::Display) -> Error {
         Error::storage(&self.path, cause)
+    }
+
+    /// A random id given to the collection when it is first opened (or first opened by a
+    /// version that knows ids); graph dumps record it, so a dump of another collection is
+    /// never taken for this one's.
+    pub fn collection_id(&self) -> &str {
+        &self.collection_id
     }
 
     /// How this collection lays out its items.
@@ -309,6 +325,23 @@ fn settle_layout(db: &sled::Db) -> std::result::Result<Layout, String> {
         }
         None => Ok(Layout::Split),
     }
+}
+
+/// Reads the collection's id, or draws one and records it (flushed). Run after
+/// [`settle_layout`], which tells a new database by its emptiness.
+fn settle_collection_id(db: &sled::Db, path: &Path) -> std::result::Result<String, String> {
+    if let Some(bytes) = db.get(KEY_COLLECTION_ID).map_err(|e| e.to_string())? {
+        return String::from_utf8(bytes.to_vec()).map_err(|e| format!("collection id: {e}"));
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seed = format!("{nanos}:{}:{}", std::process::id(), path.display());
+    let id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(seed.as_bytes()));
+    db.insert(KEY_COLLECTION_ID, id.as_bytes())
+        .map_err(|e| e.to_string())?;
+    db.flush().map_err(|e| e.to_string())?;
+    Ok(id)
 }
 
 /// Writes collected for one atomic commit, encoded for the store's layout.

@@ -42,10 +42,16 @@ pub fn prepare(
         });
     }
 
-    let norm = dot(vector, vector).sqrt();
-    if norm == 0.0 || !norm.is_finite() {
+    // In f64, so that finite components far from 1 neither overflow nor vanish when squared.
+    let exact = vector
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    if exact == 0.0 {
         return Err(Error::ZeroVector { id: id.to_string() });
     }
+    let norm = exact as f32;
     let keep = metric == Metric::InnerProduct && !is_query;
     if keep && norm > MAX_INNER_PRODUCT_NORM {
         return Err(Error::NormTooLarge {
@@ -57,7 +63,10 @@ pub fn prepare(
     let prepared = if keep {
         vector.to_vec()
     } else {
-        vector.iter().map(|x| x / norm).collect()
+        vector
+            .iter()
+            .map(|&x| (f64::from(x) / exact) as f32)
+            .collect()
     };
     Ok((prepared, norm))
 }
@@ -96,6 +105,14 @@ mod tests {
         let (v, norm) = prepare("a", &[3.0, 4.0], 2, Metric::Cosine, false).unwrap();
         assert!((norm - 5.0).abs() < 1e-6);
         assert!((dot(&v, &v) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn finite_vectors_of_extreme_magnitude_are_normalised() {
+        for scale in [3e38f32, 1e-40] {
+            let (v, _) = prepare("a", &[scale; 32], 32, Metric::Cosine, false).unwrap();
+            assert!((dot(&v, &v) - 1.0).abs() < 1e-5, "scale {scale}");
+        }
     }
 
     #[test]

@@ -98,6 +98,29 @@ fn garbage_manifest_pointer_or_missing_dump_forces_a_rebuild() {
 }
 
 #[test]
+fn a_dump_of_another_collection_is_not_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let collection = open(other.path(), DIM);
+    let foreign = unit_vectors(COUNT, DIM, 22);
+    let items = (0..COUNT).map(|i| item(&format!("other-{i}"), foreign[i].clone()));
+    collection.upsert(items.collect()).unwrap();
+    collection.close().unwrap();
+
+    fs::remove_dir_all(dir.path().join("graph")).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(other.path().join("graph"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Reloaded);
+}
+
+#[test]
 fn dump_older_than_the_last_write_is_not_reloaded() {
     let dir = tempfile::tempdir().unwrap();
     let vectors = populated(dir.path());
