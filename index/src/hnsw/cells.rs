@@ -144,20 +144,13 @@ pub(crate) fn atomics_from(values: Vec<u32>) -> Box<[AtomicU32]> {
     atomics.into_boxed_slice()
 }
 
-/// Numeric types every bit pattern of which is a valid value.
-pub(crate) trait Plain: Copy + Zeroed + sealed::Sealed {}
+/// Numeric types every bit pattern of which is a valid value (a subset of the sealed
+/// [`Zeroed`] types).
+pub(crate) trait Plain: Copy + Zeroed {}
 impl Plain for u8 {}
 impl Plain for u32 {}
 impl Plain for u64 {}
 impl Plain for f32 {}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for u8 {}
-    impl Sealed for u32 {}
-    impl Sealed for u64 {}
-    impl Sealed for f32 {}
-}
 
 /// The bytes of `values`, for reading a file straight into a typed array.
 pub(crate) fn bytes_mut<T: Plain>(values: &mut [T]) -> &mut [u8] {
