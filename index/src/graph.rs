@@ -318,6 +318,7 @@ impl DumpDir {
                 (manifest.points, manifest.items)
             ));
         }
+        check_items(&graph, &items)?;
         Ok(LoadedDump {
             collection: manifest.collection,
             epoch: manifest.epoch,
@@ -325,6 +326,26 @@ impl DumpDir {
             items,
         })
     }
+}
+
+/// Checks that every dumped item sits on its own slot of the graph, so that an item list
+/// which passed its checksum but does not fit the graph (an item on a slot the graph lacks,
+/// two items on one slot) is refused rather than trusted.
+fn check_items(graph: &Graph, items: &DumpedItems) -> std::result::Result<(), String> {
+    let mut slots = graph.slots();
+    slots.sort_unstable();
+    let mut taken = vec![false; slots.len()];
+    for (slot, info) in items {
+        let position = slots.binary_search(slot).ok();
+        let Some(position) = position.filter(|&p| !taken[p]) else {
+            return Err(format!(
+                "item {:?} is on slot {slot}, which no free node has",
+                info.id
+            ));
+        };
+        taken[position] = true;
+    }
+    Ok(())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -416,4 +437,37 @@ fn reload(
     let items = bincode::deserialize(&items).map_err(|e| format!("items: {e}"))?;
     let hnsw = Hnsw::from_files(shape, graph, vectors, spare)?;
     Ok((Graph { hnsw }, items))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ItemKind;
+
+    fn item(slot: u64, id: &str) -> (u64, SlotInfo) {
+        let info = SlotInfo {
+            id: id.into(),
+            kind: ItemKind::Text,
+            metadata: Default::default(),
+        };
+        (slot, info)
+    }
+
+    #[test]
+    fn dumped_items_must_each_sit_on_their_own_graph_slot() {
+        let graph = Graph::new(&HnswParams::default(), 2, 8);
+        let vectors = [[1.0f32, 0.0], [0.0, 1.0], [0.6, 0.8]];
+        let nodes: Vec<(&[f32], u64)> = vectors
+            .iter()
+            .zip([7, 3, 11])
+            .map(|(v, s)| (&v[..], s))
+            .collect();
+        graph.insert(&nodes);
+
+        assert!(check_items(&graph, &vec![item(11, "a"), item(3, "b")]).is_ok());
+        let twice = check_items(&graph, &vec![item(3, "a"), item(3, "b")]);
+        assert!(twice.unwrap_err().contains("\"b\""));
+        let absent = check_items(&graph, &vec![item(1 << 40, "c")]);
+        assert!(absent.unwrap_err().contains("\"c\""));
+    }
 }
