@@ -210,8 +210,8 @@ impl DumpDir {
             .map_err(|e| io_error(&dir, format!("graph dump failed: {e}")))?;
         write_items(&items_file, items)?;
 
-        let mut manifest = self.describe(&dir, graph, items.len(), epoch, params)?;
-        manifest.collection = collection.to_string();
+        let owner = (collection, epoch);
+        let manifest = self.describe(&dir, graph, items.len(), owner, params)?;
         self.publish(&dir, &name, &manifest)?;
         self.remove_stale(Some(&name));
         Ok(())
@@ -224,7 +224,7 @@ impl DumpDir {
         dir: &Path,
         graph: &Graph,
         items: usize,
-        epoch: u64,
+        (collection, epoch): (&str, u64),
         params: &HnswParams,
     ) -> Result<Manifest> {
         let mut files = Vec::new();
@@ -240,7 +240,7 @@ impl DumpDir {
         }
         Ok(Manifest {
             format: DUMP_FORMAT,
-            collection: String::new(),
+            collection: collection.to_string(),
             epoch,
             basename: BASENAME.to_string(),
             points: graph.len(),

@@ -144,13 +144,19 @@ pub(crate) fn atomics_from(values: Vec<u32>) -> Box<[AtomicU32]> {
     atomics.into_boxed_slice()
 }
 
-/// Numeric types every bit pattern of which is a valid value (a subset of the sealed
-/// [`Zeroed`] types).
-pub(crate) trait Plain: Copy + Zeroed {}
-impl Plain for u8 {}
-impl Plain for u32 {}
-impl Plain for u64 {}
-impl Plain for f32 {}
+/// Numeric types every bit pattern of which is a valid value.
+///
+/// # Safety
+/// Implementors have no padding and accept every bit pattern, which the byte views rely on.
+pub(crate) unsafe trait Plain: Copy + Zeroed {}
+// SAFETY: plain numbers without padding; every bit pattern is a value.
+unsafe impl Plain for u8 {}
+// SAFETY: as above.
+unsafe impl Plain for u32 {}
+// SAFETY: as above.
+unsafe impl Plain for u64 {}
+// SAFETY: as above.
+unsafe impl Plain for f32 {}
 
 /// The bytes of `values`, for reading a file straight into a typed array.
 pub(crate) fn bytes_mut<T: Plain>(values: &mut [T]) -> &mut [u8] {

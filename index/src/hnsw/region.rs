@@ -26,21 +26,21 @@ pub(crate) const FILE_ALIGN: u64 = HUGE as u64;
 const HUGE: usize = 2 << 20;
 
 /// Types for which all-zero bytes are a valid value and that need no drop.
-pub(crate) trait Zeroed: Sized + sealed::Sealed {}
-impl Zeroed for u8 {}
-impl Zeroed for u32 {}
-impl Zeroed for u64 {}
-impl Zeroed for f32 {}
-impl Zeroed for AtomicU32 {}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for u8 {}
-    impl Sealed for u32 {}
-    impl Sealed for u64 {}
-    impl Sealed for f32 {}
-    impl Sealed for std::sync::atomic::AtomicU32 {}
-}
+///
+/// # Safety
+/// Implementors must have both properties: regions hand out zeroed memory as values and
+/// unmap it without dropping them.
+pub(crate) unsafe trait Zeroed: Sized {}
+// SAFETY: plain numbers and atomics of them; zero is a value and nothing needs dropping.
+unsafe impl Zeroed for u8 {}
+// SAFETY: as above.
+unsafe impl Zeroed for u32 {}
+// SAFETY: as above.
+unsafe impl Zeroed for u64 {}
+// SAFETY: as above.
+unsafe impl Zeroed for f32 {}
+// SAFETY: as above.
+unsafe impl Zeroed for AtomicU32 {}
 
 /// `len` values of `T` in memory of this region's own mapping.
 pub(crate) struct Region<T> {
@@ -93,9 +93,10 @@ impl<T: Zeroed> Region<T> {
         }
         let reserved = bytes.checked_add(HUGE).expect("array size overflows");
         let start = map_anonymous(reserved).ok_or_else(std::io::Error::last_os_error)?;
-        // Places the array so that addresses and file offsets agree modulo 2 MiB, which lets
-        // the kernel map the file's huge page-cache folios with single huge-page entries.
-        let shift = (offset as usize % HUGE + HUGE - start.as_ptr() as usize % HUGE) % HUGE;
+        // The array starts on a 2 MiB boundary, as it does in the file, which lets the kernel
+        // map the file's huge page-cache folios with single huge-page entries.
+        let address = start.as_ptr() as usize;
+        let shift = address.next_multiple_of(HUGE) - address;
         // SAFETY: `shift < HUGE`, so the array's `bytes` bytes lie inside the reservation.
         let ptr = unsafe { NonNull::new_unchecked(start.as_ptr().add(shift)) };
         let region = Self::from_parts((start, reserved), ptr, len + spare, file_bytes > 0);
