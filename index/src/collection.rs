@@ -579,10 +579,9 @@ impl Inner {
     /// Reads record, vector and payload, retrying when a write moved the item in between.
     fn get(&self, id: &str) -> Result<Option<Item>> {
         for _ in 0..8 {
-            let Some(record) = self.store.record(id)? else {
+            let Some((record, vector)) = self.store.entry(id, self.settings.dimension)? else {
                 return Ok(None);
             };
-            let vector = self.store.vector(id, self.settings.dimension)?;
             let payload = self.store.payload(id)?;
             let again = self.store.record(id)?;
             let (Some(vector), true) = (vector, again.as_ref() == Some(&record)) else {
@@ -603,10 +602,9 @@ impl Inner {
     }
 
     fn get_locked(&self, id: &str) -> Result<Option<Item>> {
-        let Some(record) = self.store.record(id)? else {
+        let Some((record, vector)) = self.store.entry(id, self.settings.dimension)? else {
             return Ok(None);
         };
-        let vector = self.store.vector(id, self.settings.dimension)?;
         let vector = vector.ok_or_else(|| self.damaged(id))?;
         Ok(Some(Item {
             id: id.to_string(),

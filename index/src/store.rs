@@ -201,22 +201,48 @@ impl Store {
 
     /// The stored vector of a live item.
     pub fn vector(&self, id: &str, dimension: usize) -> Result<Option<Vec<f32>>> {
-        let prefix = match self.layout {
-            Layout::Split => PREFIX_VECTOR,
-            Layout::Joined => PREFIX_RECORD,
-        };
-        let bytes = self.db.get(key(prefix, id)).map_err(|e| self.fail(e))?;
+        match self.layout {
+            Layout::Split => self.split_vector(id, dimension),
+            Layout::Joined => Ok(self.entry(id, dimension)?.and_then(|(_, vector)| vector)),
+        }
+    }
+
+    /// The record of an item and its vector (`None` when the vector is missing), read in
+    /// one lookup where the layout keeps them together.
+    pub fn entry(&self, id: &str, dimension: usize) -> Result<Option<(Record, Option<Vec<f32>>)>> {
+        if self.layout == Layout::Split {
+            let Some(record) = self.record(id)? else {
+                return Ok(None);
+            };
+            return Ok(Some((record, self.split_vector(id, dimension)?)));
+        }
+        let bytes = self
+            .db
+            .get(key(PREFIX_RECORD, id))
+            .map_err(|e| self.fail(e))?;
         let Some(bytes) = bytes else {
             return Ok(None);
         };
-        let mut stored: &[u8] = &bytes;
-        if self.layout == Layout::Joined {
-            bincode::deserialize_from::<_, Record>(&mut stored)
-                .map_err(|e| self.fail(format!("record {id:?}: {e}")))?;
-        }
-        vector::from_bytes(stored, dimension)
-            .map(Some)
-            .ok_or_else(|| self.fail(format!("vector of {id:?} has {} bytes", stored.len())))
+        let mut rest: &[u8] = &bytes;
+        let record = bincode::deserialize_from::<_, Record>(&mut rest)
+            .map_err(|e| self.fail(format!("record {id:?}: {e}")))?;
+        let vector = self.decode_vector(id, rest, dimension)?;
+        Ok(Some((record, Some(vector))))
+    }
+
+    fn split_vector(&self, id: &str, dimension: usize) -> Result<Option<Vec<f32>>> {
+        let bytes = self
+            .db
+            .get(key(PREFIX_VECTOR, id))
+            .map_err(|e| self.fail(e))?;
+        bytes
+            .map(|b| self.decode_vector(id, &b, dimension))
+            .transpose()
+    }
+
+    fn decode_vector(&self, id: &str, bytes: &[u8], dimension: usize) -> Result<Vec<f32>> {
+        vector::from_bytes(bytes, dimension)
+            .ok_or_else(|| self.fail(format!("vector of {id:?} has {} bytes", bytes.len())))
     }
 
     /// The stored payload of a live item.
