@@ -8,8 +8,10 @@
 //! for any graph index; `clustered` draws from a mixture of Gaussians around a few hundred
 //! centres in a low-rank subspace plus a little full-rank noise, closer to real embeddings
 //! whose intrinsic dimension is far below 256.
+//!
+//! `--log FILTER` (a tracing filter such as `mplug_index=debug`) prints the index's events to
+//! stderr with their time since start, phase children included, e.g. the steps of a reopen.
 
-use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,8 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 const K: usize = 10;
+/// Score difference under which two results count as tied when judging recall.
+const TIE: f64 = 1e-5;
 const BATCH: usize = 10_000;
 
 /// Command-line options; every one has a default.
@@ -40,6 +44,7 @@ struct Options {
     phase: Option<String>,
     size: usize,
     data: String,
+    log: Option<String>,
 }
 
 fn parse_list(value: &str) -> Vec<usize> {
@@ -62,6 +67,7 @@ fn parse_options() -> Options {
         phase: None,
         size: 0,
         data: "uniform".to_string(),
+        log: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -78,6 +84,7 @@ fn parse_options() -> Options {
             "--phase" => o.phase = Some(value.to_string()),
             "--size" => o.size = value.parse().unwrap_or(0),
             "--data" => o.data = value.to_string(),
+            "--log" => o.log = Some(value.to_string()),
             other => eprintln!("ignoring unknown flag {other}"),
         }
     }
@@ -258,6 +265,13 @@ fn phase_build(o: &Options) -> Value {
     })
 }
 
+/// What recall is judged against: the indexed vectors, the queries and the true top K ids.
+struct Data {
+    vectors: Vec<f32>,
+    queries: Vec<f32>,
+    truth: Vec<u32>,
+}
+
 /// Child phase: reopens the collection and measures queries single-threaded.
 fn phase_query(o: &Options) -> Value {
     let dir = size_dir(o, o.size);
@@ -274,10 +288,15 @@ fn phase_query(o: &Options) -> Value {
     let reloaded = collection.graph_origin() == GraphOrigin::Reloaded;
     let rss_per_vector = rss_bytes().saturating_sub(rss_before) as f64 / o.size as f64;
 
+    let data = Data {
+        vectors: read_f32(&dir.join("vectors.f32")),
+        queries,
+        truth,
+    };
     let runs: Vec<Value> = o
         .efs
         .iter()
-        .map(|&ef| query_run(&collection, o, &queries, &truth, ef))
+        .map(|&ef| query_run(&collection, o, &data, ef))
         .collect();
     let disk = collection.stats().map(|s| s.bytes_on_disk).unwrap_or(0);
     // A clean close leaves a current dump even when this open had to rebuild the graph.
@@ -291,16 +310,35 @@ fn phase_query(o: &Options) -> Value {
     })
 }
 
-fn query_run(
-    collection: &Collection,
-    o: &Options,
-    queries: &[f32],
-    truth: &[u32],
-    ef: usize,
-) -> Value {
+/// Inner product in f64, the precision the recall judges ties in.
+fn dot64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
+/// Correct answers among one query's returned ids: an id counts when it is one of the true
+/// top K, or when its exact score is within [`TIE`] of the lowest true top-K score (a tie at
+/// float precision, which the f32 ground truth may have broken either way). hnswlib's side
+/// (`scripts/hnswlib_bench.py`) counts the same way.
+fn correct(data: &[f32], dim: usize, query: &[f32], truth: &[u32], returned: &[u32]) -> usize {
+    let vector = |id: u32| &data[id as usize * dim..][..dim];
+    let lowest = truth
+        .iter()
+        .map(|&id| dot64(query, vector(id)))
+        .fold(f64::INFINITY, f64::min);
+    returned
+        .iter()
+        .take(K)
+        .filter(|&&id| truth.contains(&id) || dot64(query, vector(id)) >= lowest - TIE)
+        .count()
+}
+
+fn query_run(collection: &Collection, o: &Options, data: &Data, ef: usize) -> Value {
     let started = Instant::now();
-    let mut found = 0;
-    for (q, expected) in queries.chunks(o.dim).zip(truth.chunks(K)) {
+    let mut returned = Vec::with_capacity(data.queries.len() / o.dim);
+    for q in data.queries.chunks(o.dim) {
         let request = SearchRequest {
             vector: q,
             k: K,
@@ -308,15 +346,25 @@ fn query_run(
             filter: Filter::default(),
             exact: false,
         };
-        let hits = collection.search(&request).expect("search succeeds");
-        let expected: HashSet<String> = expected.iter().map(|i| i.to_string()).collect();
-        found += hits.iter().filter(|h| expected.contains(&h.id)).count();
+        returned.push(collection.search(&request).expect("search succeeds"));
     }
     let seconds = started.elapsed().as_secs_f64();
+
+    let found: usize = returned
+        .iter()
+        .zip(data.queries.chunks(o.dim).zip(data.truth.chunks(K)))
+        .map(|(hits, (q, truth))| {
+            let ids: Vec<u32> = hits
+                .iter()
+                .map(|h| h.id.parse().expect("ids are numbers"))
+                .collect();
+            correct(&data.vectors, o.dim, q, truth, &ids)
+        })
+        .sum();
     json!({
         "ef": ef,
-        "qps": (queries.len() / o.dim) as f64 / seconds,
-        "recall": found as f64 / (truth.len() as f64),
+        "qps": returned.len() as f64 / seconds,
+        "recall": found as f64 / (data.truth.len() as f64),
     })
 }
 
@@ -341,6 +389,8 @@ fn run_child(o: &Options, size: usize, phase: &str) -> Value {
         .args(["--ef-construction", &o.ef_construction.to_string()])
         .args(["--work-dir", &o.work_dir.to_string_lossy()])
         .args(["--data", &o.data])
+        .args(o.log.iter().flat_map(|filter| ["--log", filter]))
+        .stderr(std::process::Stdio::inherit())
         .output()
         .expect("bench child runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -492,6 +542,13 @@ fn print_matched(out: &mut impl Write, size: usize, ours: &Value, theirs: &Value
 
 fn main() {
     let o = parse_options();
+    if let Some(filter) = &o.log {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match o.phase.as_deref() {
         Some("build") => return println!("{}", phase_build(&o)),
         Some("query") => return println!("{}", phase_query(&o)),

@@ -16,6 +16,20 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+TIE = 1e-5
+
+
+def correct(data, query, truth, returned):
+    """Correct answers among one query's returned ids, counted as the Rust side does: an id
+    counts when it is one of the true top k, or when its exact score (in f64) is within TIE of
+    the lowest true top-k score, a tie the f32 ground truth may have broken either way."""
+    q = query.astype(np.float64)
+    lowest = (data[truth].astype(np.float64) @ q).min()
+    scores = data[returned].astype(np.float64) @ q
+    wanted = set(truth.tolist())
+    return sum(1 for i, s in zip(returned.tolist(), scores) if i in wanted or s >= lowest - TIE)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
@@ -54,7 +68,7 @@ def main():
         started = time.perf_counter()
         labels, _ = index.knn_query(queries, k=args.k, num_threads=1)
         seconds = time.perf_counter() - started
-        hits = sum(len(set(l) & set(t)) for l, t in zip(labels.tolist(), truth.tolist()))
+        hits = sum(correct(data, q, t, l) for q, t, l in zip(queries, truth, labels))
         runs.append({"ef": ef, "qps": len(queries) / seconds, "recall": hits / truth.size})
 
     print(json.dumps({

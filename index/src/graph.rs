@@ -409,6 +409,7 @@ fn reload(
     dimension: usize,
     params: &HnswParams,
 ) -> std::result::Result<(Graph, DumpedItems), String> {
+    let started = std::time::Instant::now();
     let spare = manifest.points / 4 + 1024;
     let paths = dump_files(&manifest.basename).map(|n| dir.join(n));
     let (graph, vectors, items) = std::thread::scope(|scope| {
@@ -422,7 +423,13 @@ fn reload(
     });
     let (graph, vectors, (items_sum, items)) = (graph?, vectors?, items?);
     let mapped = graph.is_mapped() && vectors.is_mapped();
-    tracing::debug!(mapped, points = manifest.points, "graph dump read");
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::debug!(
+        mapped,
+        points = manifest.points,
+        elapsed_ms,
+        "graph dump read"
+    );
     let sums = [&graph.checksum, &vectors.checksum, &items_sum];
     for (file, sum) in manifest.files.iter().zip(sums) {
         if *sum != file.checksum {
@@ -435,7 +442,11 @@ fn reload(
         ef_construction: params.ef_construction,
     };
     let items = bincode::deserialize(&items).map_err(|e| format!("items: {e}"))?;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::debug!(elapsed_ms, "dumped items decoded");
     let hnsw = Hnsw::from_files(shape, graph, vectors, spare)?;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::debug!(elapsed_ms, "graph assembled");
     Ok((Graph { hnsw }, items))
 }
 
