@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::graph::{DumpDir, Graph, LoadedDump};
 use crate::slots::{Postings, SlotInfo, SlotTable};
-use crate::store::{ItemWrite, Record, Store};
+use crate::store::{ItemWrite, Record, Store, WriteBatch};
 use crate::types::{GraphOrigin, HnswParams, Item, ItemKind, Settings, Stats, UpsertOutcome};
 use crate::vector;
 
@@ -140,6 +141,8 @@ impl Collection {
             postings: Postings::default(),
             counts: [AtomicU64::new(0), AtomicU64::new(0)],
         };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(elapsed_ms, "store and graph dump ready");
         let (graph, origin, max_slot) = initial_state(&store, dump, &settings, epoch, &tables)?;
         let next_slot = next_slot.max(max_slot.map_or(0, |s| s + 1));
         let Tables {
@@ -332,11 +335,19 @@ fn open_with_dump(
     dumps: &DumpDir,
     settings: &Settings,
 ) -> (Result<Store>, std::result::Result<LoadedDump, String>) {
-    let load = || dumps.load(settings.dimension, &settings.hnsw);
+    let started = std::time::Instant::now();
+    let load = || {
+        let dump = dumps.load(settings.dimension, &settings.hnsw);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(elapsed_ms, ok = dump.is_ok(), "graph dump loaded");
+        dump
+    };
     let before = dumps.current();
     let (store, dump) = std::thread::scope(|scope| {
         let reader = scope.spawn(load);
         let store = Store::open(dir);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(elapsed_ms, ok = store.is_ok(), "store opened");
         let dump = reader
             .join()
             .unwrap_or_else(|_| Err("graph dump reader panicked".into()));
@@ -462,16 +473,14 @@ impl Inner {
 
     fn write_items(&self, prepared: Vec<Prepared>) -> Result<Vec<UpsertOutcome>> {
         let mut next_slot = self.writer.lock();
+        let stored = self.stored_records(&prepared)?;
         let mut batch = self.store.batch();
         let mut pending: HashMap<String, Record> = HashMap::new();
         let mut outcomes = Vec::with_capacity(prepared.len());
         let mut applied = Vec::new();
 
-        for Prepared { item, vector } in prepared {
-            let previous = match pending.get(&item.id) {
-                Some(record) => Some(record.clone()),
-                None => self.store.record(&item.id)?,
-            };
+        for (Prepared { item, vector }, stored) in prepared.into_iter().zip(stored) {
+            let previous = pending.get(&item.id).cloned().or(stored);
             let record = Record {
                 slot: *next_slot,
                 kind: item.kind,
@@ -516,34 +525,59 @@ impl Inner {
 
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
         batch.set_next_slot(*next_slot);
-        self.store.commit(batch, epoch)?;
-        self.apply(applied);
+        self.commit_and_insert(batch, epoch, &applied)?;
+        self.publish(applied);
         self.epoch.store(epoch, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
         Ok(outcomes)
     }
 
-    /// Applies committed writes in memory: tombstones replaced slots, publishes new ones,
-    /// then inserts the new vectors into the graph. Caller holds the writer lock.
-    fn apply(&self, applied: Vec<Applied>) {
-        for entry in &applied {
-            if let Some(previous) = &entry.previous {
-                self.forget(previous);
-            }
-            self.postings.add(entry.slot, &entry.info.metadata);
-            self.count(entry.info.kind).fetch_add(1, Ordering::Relaxed);
-            self.slots.publish(entry.slot, entry.info.clone());
-        }
+    /// The stored record of each prepared item's id, looked up in parallel. Caller holds the
+    /// writer lock, so no record changes meanwhile.
+    fn stored_records(&self, prepared: &[Prepared]) -> Result<Vec<Option<Record>>> {
+        prepared
+            .par_iter()
+            .map(|p| self.store.record(&p.item.id))
+            .collect()
+    }
+
+    /// Commits `batch` while the new vectors go into the graph, so that the graph insertion
+    /// runs during the store's write and flush instead of after them. The new nodes stay out
+    /// of every result until [`Inner::publish`] gives their slots an item; when the commit
+    /// fails they are never published, count as tombstones and leave with the next
+    /// compaction. Caller holds the writer lock.
+    fn commit_and_insert(&self, batch: WriteBatch, epoch: u64, applied: &[Applied]) -> Result<()> {
         let mut graph = Arc::clone(&self.graph.read());
         if !graph.has_room(applied.len()) {
             graph = Arc::new(graph.with_room(applied.len()));
             *self.graph.write() = Arc::clone(&graph);
         }
-        let items: Vec<(&[f32], u64)> = applied
+        let nodes: Vec<(&[f32], u64)> = applied
             .iter()
             .map(|a| (a.vector.as_slice(), a.slot))
             .collect();
-        graph.insert(&items);
+
+        let store = &self.store;
+        std::thread::scope(|scope| {
+            let commit = scope.spawn(move || store.commit(batch, epoch));
+            graph.insert(&nodes);
+            commit
+                .join()
+                .unwrap_or_else(|_| Err(Error::storage(&self.dir, "the store commit panicked")))
+        })
+    }
+
+    /// Makes committed writes visible: tombstones replaced slots and publishes new ones,
+    /// whose nodes are already in the graph. Caller holds the writer lock.
+    fn publish(&self, applied: Vec<Applied>) {
+        for entry in applied {
+            if let Some(previous) = &entry.previous {
+                self.forget(previous);
+            }
+            self.postings.add(entry.slot, &entry.info.metadata);
+            self.count(entry.info.kind).fetch_add(1, Ordering::Relaxed);
+            self.slots.publish(entry.slot, entry.info);
+        }
     }
 
     fn forget(&self, record: &Record) {

@@ -8,8 +8,11 @@ use std::collections::BinaryHeap;
 use super::distance::prefetch;
 use super::Hnsw;
 
-/// Cache lines of the next neighbour's vector requested ahead of its distance.
+/// Cache lines of a neighbour's vector requested ahead of its distance.
 const PREFETCH_LINES: usize = 8;
+
+/// How many neighbours ahead of the one being scored its vector is requested.
+const PREFETCH_AHEAD: usize = 3;
 
 /// A node with its distance to the query; ordered by distance, then node.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -208,7 +211,7 @@ impl Hnsw {
             self.expand(context, current.node, level);
             let fresh = std::mem::take(&mut context.fresh);
             for (i, &node) in fresh.iter().enumerate() {
-                if let Some(&next) = fresh.get(i + 1) {
+                if let Some(&next) = fresh.get(i + PREFETCH_AHEAD) {
                     prefetch(self.vector(next), PREFETCH_LINES);
                 }
                 let dist = self.distance(query, node);
@@ -244,8 +247,8 @@ impl Hnsw {
                 context.fresh.push(id);
             }
         }
-        if let Some(&first) = context.fresh.first() {
-            prefetch(self.vector(first), PREFETCH_LINES);
+        for &node in context.fresh.iter().take(PREFETCH_AHEAD) {
+            prefetch(self.vector(node), PREFETCH_LINES);
         }
         context.neighbours = links;
     }
