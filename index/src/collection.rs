@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::graph::{DumpDir, Graph, LoadedDump};
 use crate::slots::{Postings, SlotInfo, SlotTable};
-use crate::store::{ItemWrite, Record, Store, WriteBatch};
+use crate::store::{item_digest, ItemWrite, Record, Store, WriteBatch};
 use crate::types::{GraphOrigin, HnswParams, Item, ItemKind, Settings, Stats, UpsertOutcome};
 use crate::vector;
 
@@ -23,6 +23,9 @@ pub const MAX_ID_BYTES: usize = 1024;
 pub const MAX_DIMENSION: usize = 65_536;
 /// Vectors read and inserted per step while (re)building a graph, bounding extra memory.
 const BUILD_CHUNK: usize = 50_000;
+/// Chunk of a build that can be stopped (a background compaction): short enough that a
+/// dropped collection waits well under a second for it.
+const STOPPABLE_CHUNK: usize = 2_048;
 /// Compaction is not started for fewer tombstones than this.
 const COMPACT_MIN_TOMBSTONES: usize = 64;
 
@@ -63,6 +66,10 @@ pub(crate) struct Inner {
     pub origin: GraphOrigin,
     pub compaction: Mutex<Option<JoinHandle<()>>>,
     pub compacting: Mutex<()>,
+    /// Set when the collection is dropped: a running compaction stops unfinished.
+    pub closing: AtomicBool,
+    /// Digest of the live items (see [`item_digest`]); changed only under the writer lock.
+    pub live_digest: Mutex<u128>,
 }
 
 const NO_DUMP: u64 = u64::MAX;
@@ -143,7 +150,12 @@ impl Collection {
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::debug!(elapsed_ms, "store and graph dump ready");
-        let (graph, origin, max_slot) = initial_state(&store, dump, &settings, epoch, &tables)?;
+        let Initial {
+            graph,
+            origin,
+            max_slot,
+            digest,
+        } = initial_state(&store, dump, &settings, epoch, &tables)?;
         let next_slot = next_slot.max(max_slot.map_or(0, |s| s + 1));
         let Tables {
             slots,
@@ -182,6 +194,8 @@ impl Collection {
             origin,
             compaction: Mutex::new(None),
             compacting: Mutex::new(()),
+            closing: AtomicBool::new(false),
+            live_digest: Mutex::new(digest),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -286,6 +300,20 @@ impl Collection {
     }
 }
 
+/// Dropping a collection without [`Collection::close`] stops a background compaction (within
+/// one short chunk of its build, discarding it) and waits for its thread, so the store is
+/// released when the drop returns and the directory can be opened again at once. The graph
+/// is not dumped; the next open reloads the last dump or rebuilds.
+impl Drop for Collection {
+    fn drop(&mut self) {
+        self.inner.closing.store(true, Ordering::Release);
+        let pending = self.inner.compaction.lock().take();
+        if let Some(handle) = pending {
+            let _ = handle.join();
+        }
+    }
+}
+
 fn kind_index(kind: ItemKind) -> usize {
     match kind {
         ItemKind::Image => 0,
@@ -360,18 +388,34 @@ fn open_with_dump(
     (store, dump)
 }
 
-/// Fills the tables and returns the graph, where it came from and the highest live slot.
+/// What an open starts from: the graph, where it came from, the highest live slot and the
+/// digest of the live items.
+struct Initial {
+    graph: Graph,
+    origin: GraphOrigin,
+    max_slot: Option<u64>,
+    digest: u128,
+}
+
+/// The digest of a set of live items: the XOR of their [`item_digest`] shares.
+fn digest_of<'a>(items: impl Iterator<Item = (u64, &'a str)>) -> u128 {
+    items.fold(0, |digest, (slot, id)| digest ^ item_digest(slot, id))
+}
+
+/// Fills the tables and returns the graph and what else an open starts from.
 ///
-/// A dump that reflects `epoch` carries the live items of that epoch, which are exactly the
-/// store's records, so the tables are filled from it without scanning the store. Otherwise
-/// the records are scanned and the graph is rebuilt from the stored vectors.
+/// A dump that reflects `epoch` and whose items have the digest the store recorded for its
+/// live items carries exactly the store's records, so the tables are filled from it without
+/// scanning the store. Otherwise the records are scanned and the graph is rebuilt from the
+/// stored vectors.
 fn initial_state(
     store: &Store,
     dump: std::result::Result<LoadedDump, String>,
     settings: &Settings,
     epoch: u64,
     tables: &Tables,
-) -> Result<(Graph, GraphOrigin, Option<u64>)> {
+) -> Result<Initial> {
+    let recorded = store.live_digest()?;
     match dump {
         Ok(dump) if dump.collection != store.collection_id() => tracing::info!(
             dump = %dump.collection,
@@ -384,11 +428,21 @@ fn initial_state(
             "graph dump reflects another write epoch; rebuilding the graph"
         ),
         Ok(LoadedDump { graph, items, .. }) if !items.is_empty() && graph.len() >= items.len() => {
-            let max_slot = items.iter().map(|(slot, _)| *slot).max();
-            for (slot, info) in items {
-                tables.add(slot, info);
+            let digest = digest_of(items.iter().map(|(slot, info)| (*slot, info.id.as_str())));
+            if recorded.is_none_or(|r| r == digest) {
+                let max_slot = items.iter().map(|(slot, _)| *slot).max();
+                for (slot, info) in items {
+                    tables.add(slot, info);
+                }
+                let origin = GraphOrigin::Reloaded;
+                return Ok(Initial {
+                    graph,
+                    origin,
+                    max_slot,
+                    digest,
+                });
             }
-            return Ok((graph, GraphOrigin::Reloaded, max_slot));
+            tracing::info!("graph dump lists other live items than the store; rebuilding the graph")
         }
         Ok(LoadedDump { graph, items, .. }) => tracing::info!(
             points = graph.len(),
@@ -397,30 +451,66 @@ fn initial_state(
         ),
         Err(reason) => tracing::info!(%reason, "rebuilding the graph"),
     }
+    rebuild(store, settings, tables, recorded)
+}
 
+/// Scans the store's records into the tables and builds the graph from their vectors.
+fn rebuild(
+    store: &Store,
+    settings: &Settings,
+    tables: &Tables,
+    recorded: Option<u128>,
+) -> Result<Initial> {
     let loaded = load_records(store, tables)?;
-    let dimension = settings.dimension;
+    let digest = digest_of(loaded.live.iter().map(|(slot, id)| (*slot, id.as_str())));
+    if recorded != Some(digest) {
+        store.set_live_digest(digest)?;
+    }
+    let (dimension, max_slot) = (settings.dimension, loaded.max_slot);
     if loaded.live.is_empty() {
         let graph = Graph::new(&settings.hnsw, dimension, 0);
-        return Ok((graph, GraphOrigin::Empty, loaded.max_slot));
+        let origin = GraphOrigin::Empty;
+        return Ok(Initial {
+            graph,
+            origin,
+            max_slot,
+            digest,
+        });
     }
     let mut graph = Graph::new(&settings.hnsw, dimension, loaded.live.len());
-    build_into(store, &mut graph, dimension, &loaded.live)?;
-    Ok((graph, GraphOrigin::Rebuilt, loaded.max_slot))
+    build_into(store, &mut graph, dimension, &loaded.live, None);
+    let origin = GraphOrigin::Rebuilt;
+    Ok(Initial {
+        graph,
+        origin,
+        max_slot,
+        digest,
+    })
 }
 
 /// Reads the vectors of `live` items from the store and inserts them, chunk by chunk. An
-/// item whose vector is missing or damaged is reported and skipped.
+/// item whose vector is missing or damaged is reported and skipped. With `stop`, the build
+/// checks it before each of its smaller chunks and returns false, unfinished, once it is
+/// set; otherwise it returns true.
 fn build_into(
     store: &Store,
     graph: &mut Graph,
     dimension: usize,
     live: &[(u64, String)],
-) -> Result<()> {
+    stop: Option<&AtomicBool>,
+) -> bool {
     if !graph.has_room(live.len()) {
         *graph = graph.with_room(live.len());
     }
-    for chunk in live.chunks(BUILD_CHUNK) {
+    let chunk_len = if stop.is_some() {
+        STOPPABLE_CHUNK
+    } else {
+        BUILD_CHUNK
+    };
+    for chunk in live.chunks(chunk_len) {
+        if stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+            return false;
+        }
         let mut vectors = Vec::with_capacity(chunk.len());
         for (slot, id) in chunk {
             match store.vector(id, dimension) {
@@ -432,7 +522,7 @@ fn build_into(
         let refs: Vec<(&[f32], u64)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
         graph.insert(&refs);
     }
-    Ok(())
+    true
 }
 
 /// One item after validation.
@@ -525,7 +615,16 @@ impl Inner {
 
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
         batch.set_next_slot(*next_slot);
+        let digest = applied.iter().fold(*self.live_digest.lock(), |digest, a| {
+            let replaced = a
+                .previous
+                .as_ref()
+                .map_or(0, |p| item_digest(p.slot, &a.info.id));
+            digest ^ replaced ^ item_digest(a.slot, &a.info.id)
+        });
+        batch.set_live_digest(digest);
         self.commit_and_insert(batch, epoch, &applied)?;
+        *self.live_digest.lock() = digest;
         self.publish(applied);
         self.epoch.store(epoch, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
@@ -601,9 +700,12 @@ impl Inner {
             .ok_or_else(|| Error::UnknownId { id: id.to_string() })?;
         let mut batch = self.store.batch();
         batch.remove(id, &record);
+        let digest = *self.live_digest.lock() ^ item_digest(record.slot, id);
+        batch.set_live_digest(digest);
 
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
         self.store.commit(batch, epoch)?;
+        *self.live_digest.lock() = digest;
         self.forget(&record);
         self.epoch.store(epoch, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
@@ -664,7 +766,15 @@ impl Inner {
             .collect();
         let dimension = self.settings.dimension;
         let mut graph = Graph::new(&self.settings.hnsw, dimension, live.len());
-        build_into(&self.store, &mut graph, dimension, &live)?;
+        if !build_into(
+            &self.store,
+            &mut graph,
+            dimension,
+            &live,
+            Some(&self.closing),
+        ) {
+            return Ok(());
+        }
         let built: HashSet<u64> = graph.slots().into_iter().collect();
 
         let _writer = self.writer.lock();
@@ -675,7 +785,7 @@ impl Inner {
             .filter(|(slot, _)| !built.contains(slot))
             .map(|(slot, info)| (slot, info.id.clone()))
             .collect();
-        build_into(&self.store, &mut graph, dimension, &missing)?;
+        build_into(&self.store, &mut graph, dimension, &missing, None);
         *self.graph.write() = Arc::new(graph);
         self.dirty.store(true, Ordering::Release);
         Ok(())
@@ -789,6 +899,56 @@ mod tests {
         };
         let hits = collection.search(&request).expect("search");
         hits.first().map(|h| h.id.clone()).unwrap_or_default()
+    }
+
+    fn random_items(count: usize, dimension: usize, version: u8) -> Vec<Item> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(version));
+        (0..count)
+            .map(|i| Item {
+                id: i.to_string(),
+                kind: ItemKind::Image,
+                vector: (0..dimension)
+                    .map(|_| rng.gen_range(-1.0f32..1.0))
+                    .collect(),
+                metadata: BTreeMap::new(),
+                content_hash: [version; 32],
+                payload: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dropped_collection_stops_its_compaction_and_releases_the_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = Settings {
+            dimension: 16,
+            hnsw: HnswParams {
+                ef_construction: 64,
+                ..HnswParams::default()
+            },
+            ..settings()
+        };
+        let collection = Collection::open(dir.path(), settings.clone()).expect("open");
+        collection
+            .upsert(random_items(10_000, 16, 0))
+            .expect("upsert");
+        // Every item replaced: half the graph is tombstones, so a compaction starts.
+        collection
+            .upsert(random_items(10_000, 16, 1))
+            .expect("upsert");
+        let running = collection.inner.compaction.lock();
+        assert!(running.as_ref().is_some_and(|h| !h.is_finished()));
+        drop(running);
+
+        let inner = Arc::downgrade(&collection.inner);
+        drop(collection);
+        assert!(
+            inner.upgrade().is_none(),
+            "a compaction still holds the store"
+        );
+        let reopened = Collection::open(dir.path(), settings).expect("reopen");
+        assert_eq!(reopened.stats().expect("stats").images, 10_000);
     }
 
     /// A collection whose items sit under separate record and vector keys, as collections

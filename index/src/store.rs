@@ -24,6 +24,7 @@ const KEY_EPOCH: &[u8] = b"m/epoch";
 const KEY_NEXT_SLOT: &[u8] = b"m/next_slot";
 const KEY_LAYOUT: &[u8] = b"m/layout";
 const KEY_COLLECTION_ID: &[u8] = b"m/collection_id";
+const KEY_LIVE_DIGEST: &[u8] = b"m/live_digest";
 const PREFIX_RECORD: u8 = b'i';
 const PREFIX_VECTOR: u8 = b'v';
 const PREFIX_PAYLOAD: u8 = b'p';
@@ -175,6 +176,23 @@ impl Store {
     /// Write epoch of the last applied batch (0 for a new collection).
     pub fn epoch(&self) -> Result<u64> {
         Ok(read_u64(self.db.get(KEY_EPOCH).map_err(|e| self.fail(e))?))
+    }
+
+    /// The digest of the live items (see [`item_digest`]) as written with the last batch;
+    /// `None` for a collection that has not recorded one yet.
+    pub fn live_digest(&self) -> Result<Option<u128>> {
+        let bytes = self.db.get(KEY_LIVE_DIGEST).map_err(|e| self.fail(e))?;
+        Ok(bytes
+            .and_then(|b| <[u8; 16]>::try_from(b.as_ref()).ok())
+            .map(u128::from_be_bytes))
+    }
+
+    /// Records the digest of the live items found by a full scan of the records.
+    pub fn set_live_digest(&self, digest: u128) -> Result<()> {
+        self.db
+            .insert(KEY_LIVE_DIGEST, &digest.to_be_bytes())
+            .map_err(|e| self.fail(e))?;
+        Ok(())
     }
 
     /// First slot never handed out.
@@ -438,6 +456,18 @@ impl WriteBatch {
     pub fn set_next_slot(&mut self, next_slot: u64) {
         self.batch.insert(KEY_NEXT_SLOT, &next_slot.to_be_bytes());
     }
+
+    /// Records the digest of the live items once this batch is applied.
+    pub fn set_live_digest(&mut self, digest: u128) {
+        self.batch.insert(KEY_LIVE_DIGEST, &digest.to_be_bytes());
+    }
+}
+
+/// One live item's share of the live-set digest: the digest of a set of items is the XOR
+/// of their shares, so a write updates it in constant time and any renamed, added, missing
+/// or moved item changes it.
+pub fn item_digest(slot: u64, id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), slot)
 }
 
 /// How long an open waits for the database's file lock.

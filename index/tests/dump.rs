@@ -109,15 +109,51 @@ fn a_dump_of_another_collection_is_not_reloaded() {
     collection.close().unwrap();
 
     fs::remove_dir_all(dir.path().join("graph")).unwrap();
+    copy_into(&other.path().join("graph"), dir.path());
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Reloaded);
+}
+
+/// Copies `from` (a directory) into `into`, as `cp -a`.
+fn copy_into(from: &Path, into: &Path) {
     let copied = std::process::Command::new("cp")
         .arg("-a")
-        .arg(other.path().join("graph"))
-        .arg(dir.path())
+        .arg(from)
+        .arg(into)
         .status()
         .unwrap();
     assert!(copied.success());
-    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
-    reopen_and_check(dir.path(), &vectors, GraphOrigin::Reloaded);
+}
+
+#[test]
+fn a_dump_of_a_diverged_copy_is_not_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    let copy = tempfile::tempdir().unwrap();
+    copy_into(&dir.path().join("."), copy.path());
+    // The same number of writes and of live items on both sides, but not the same items.
+    let extra = unit_vectors(2, DIM, 23);
+    for (path, gone, added) in [(dir.path(), "1", 0), (copy.path(), "2", 1)] {
+        let collection = open(path, DIM);
+        assert_eq!(collection.graph_origin(), GraphOrigin::Reloaded);
+        collection.delete(gone).unwrap();
+        let id = format!("new-{added}");
+        collection
+            .upsert(vec![item(&id, extra[added].clone())])
+            .unwrap();
+        collection.close().unwrap();
+    }
+
+    fs::remove_dir_all(dir.path().join("graph")).unwrap();
+    copy_into(&copy.path().join("graph"), dir.path());
+    let collection = open(dir.path(), DIM);
+    assert_eq!(collection.graph_origin(), GraphOrigin::Rebuilt);
+    assert_eq!(ids(&collection, &request(&vectors[2], 1)), vec!["2"]);
+    assert_eq!(ids(&collection, &request(&extra[0], 1)), vec!["new-0"]);
+    let near_gone = ids(&collection, &request(&vectors[1], 5));
+    let near_foreign = ids(&collection, &request(&extra[1], 5));
+    assert!(!near_gone.contains(&"1".to_string()));
+    assert!(!near_foreign.contains(&"new-1".to_string()));
 }
 
 #[test]
