@@ -506,16 +506,36 @@ fn runs_of(query: &Value) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
-/// For every hnswlib run, our fastest run with at least its recall: the comparison at equal
-/// recall, since the two graphs reach different recall at the same `ef`.
+/// Our QPS at exactly `recall`, read off our recall/QPS curve (runs in increasing `ef`) by
+/// linear interpolation between the two runs around it; `None` when no run reaches it, and
+/// the fastest run's QPS when even the smallest `ef` exceeds it (no extrapolation).
+fn interpolated_qps(ours: &[(f64, f64, f64)], recall: f64) -> Option<f64> {
+    let first = ours.first()?;
+    if first.2 >= recall {
+        return Some(first.1);
+    }
+    ours.windows(2).find_map(|pair| {
+        let ((_, low_qps, low), (_, high_qps, high)) = (pair[0], pair[1]);
+        (low < recall && recall <= high)
+            .then(|| low_qps + (high_qps - low_qps) * (recall - low) / (high - low))
+    })
+}
+
+/// For every hnswlib run, our fastest run with at least its recall (the comparison at equal
+/// recall, since the two graphs reach different recall at the same `ef`), and our QPS
+/// interpolated at exactly its recall, which a coarse grid of `ef` values would otherwise
+/// understate.
 fn print_matched(out: &mut impl Write, size: usize, ours: &Value, theirs: &Value) {
-    let ours = runs_of(ours);
+    let mut ours = runs_of(ours);
+    ours.sort_by(|a, b| a.0.total_cmp(&b.0));
     for (ef, qps, recall) in runs_of(theirs) {
         let best = ours
             .iter()
             .filter(|run| run.2 >= recall)
             .max_by(|a, b| a.1.total_cmp(&b.1));
-        let Some(&(our_ef, our_qps, our_recall)) = best else {
+        let (Some(&(our_ef, our_qps, our_recall)), Some(at_recall)) =
+            (best, interpolated_qps(&ours, recall))
+        else {
             let _ = writeln!(
                 out,
                 "| {size:>9} | {ef:>10} | {recall:>9.4} | {qps:>8.0} | none reaches it |"
@@ -526,7 +546,8 @@ fn print_matched(out: &mut impl Write, size: usize, ours: &Value, theirs: &Value
             out,
             concat!(
                 "| {size:>9} | {ef:>10} | {recall:>9.4} | {qps:>8.0} | {our_ef:>6} ",
-                "| {our_recall:>9.4} | {our_qps:>8.0} | {ratio:>12.2} |"
+                "| {our_recall:>9.4} | {our_qps:>8.0} | {ratio:>12.2} ",
+                "| {at_recall:>12.0} | {at_ratio:>12.2} |"
             ),
             size = size,
             ef = ef,
@@ -536,6 +557,8 @@ fn print_matched(out: &mut impl Write, size: usize, ours: &Value, theirs: &Value
             our_recall = our_recall,
             our_qps = our_qps,
             ratio = our_qps / qps,
+            at_recall = at_recall,
+            at_ratio = at_recall / qps,
         );
     }
 }
@@ -603,14 +626,17 @@ fn main() {
     if matched.is_empty() {
         return;
     }
-    println!("\nAt equal recall: each hnswlib run, and our fastest run with at least its recall");
+    println!(concat!(
+        "\nAt equal recall: each hnswlib run, our fastest run with at least its recall, and our ",
+        "QPS interpolated at its recall"
+    ));
     println!(concat!(
         "|         n | hnswlib ef | recall@10 |      QPS | our ef | recall@10 |      QPS ",
-        "| ours/hnswlib |"
+        "| ours/hnswlib |  QPS interp. | ratio interp |"
     ));
     println!(concat!(
         "|-----------|------------|-----------|----------|--------|-----------|----------",
-        "|--------------|"
+        "|--------------|--------------|--------------|"
     ));
     print!("{}", String::from_utf8_lossy(&matched));
 }
