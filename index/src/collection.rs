@@ -11,9 +11,9 @@ use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::graph::{DumpDir, Graph, LoadedDump};
+use crate::graph::{DumpDir, Graph, LoadedDump, Owner};
 use crate::slots::{Postings, SlotInfo, SlotTable};
-use crate::store::{item_digest, ItemWrite, Record, Store, WriteBatch};
+use crate::store::{item_digest, next_lineage, ItemWrite, Record, Store, WriteBatch};
 use crate::types::{GraphOrigin, HnswParams, Item, ItemKind, Settings, Stats, UpsertOutcome};
 use crate::vector;
 
@@ -68,8 +68,12 @@ pub(crate) struct Inner {
     pub compacting: Mutex<()>,
     /// Set when the collection is dropped: a running compaction stops unfinished.
     pub closing: AtomicBool,
-    /// Digest of the live items (see [`item_digest`]); changed only under the writer lock.
-    pub live_digest: Mutex<u128>,
+    /// Live-set digest and lineage of the last committed batch; changed only under the
+    /// writer lock.
+    pub history: Mutex<History>,
+    /// Set when a batch could not be committed: the store may or may not hold it, so the
+    /// collection refuses further writes until it is reopened.
+    pub write_failed: AtomicBool,
 }
 
 const NO_DUMP: u64 = u64::MAX;
@@ -156,6 +160,7 @@ impl Collection {
             max_slot,
             digest,
         } = initial_state(&store, dump, &settings, epoch, &tables)?;
+        let lineage = store.lineage()?.unwrap_or(0);
         let next_slot = next_slot.max(max_slot.map_or(0, |s| s + 1));
         let Tables {
             slots,
@@ -195,7 +200,8 @@ impl Collection {
             compaction: Mutex::new(None),
             compacting: Mutex::new(()),
             closing: AtomicBool::new(false),
-            live_digest: Mutex::new(digest),
+            history: Mutex::new(History { digest, lineage }),
+            write_failed: AtomicBool::new(false),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -415,7 +421,7 @@ fn initial_state(
     epoch: u64,
     tables: &Tables,
 ) -> Result<Initial> {
-    let recorded = store.live_digest()?;
+    let (recorded, lineage) = (store.live_digest()?, store.lineage()?);
     match dump {
         Ok(dump) if dump.collection != store.collection_id() => tracing::info!(
             dump = %dump.collection,
@@ -427,6 +433,9 @@ fn initial_state(
             store = epoch,
             "graph dump reflects another write epoch; rebuilding the graph"
         ),
+        Ok(dump) if lineage.is_some() && dump.lineage != lineage => {
+            tracing::info!("graph dump reflects a diverged copy of the store; rebuilding the graph")
+        }
         Ok(LoadedDump { graph, items, .. }) if !items.is_empty() && graph.len() >= items.len() => {
             let digest = digest_of(items.iter().map(|(slot, info)| (*slot, info.id.as_str())));
             if recorded.is_none_or(|r| r == digest) {
@@ -532,6 +541,15 @@ pub(crate) struct Prepared {
 }
 
 /// One item whose write was committed, to apply in memory.
+/// What every write batch carries forward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct History {
+    /// Digest of the live items (see [`item_digest`]).
+    digest: u128,
+    /// Lineage of the writes (see [`next_lineage`]).
+    lineage: u128,
+}
+
 struct Applied {
     slot: u64,
     info: SlotInfo,
@@ -563,6 +581,7 @@ impl Inner {
 
     fn write_items(&self, prepared: Vec<Prepared>) -> Result<Vec<UpsertOutcome>> {
         let mut next_slot = self.writer.lock();
+        self.check_writable()?;
         let stored = self.stored_records(&prepared)?;
         let mut batch = self.store.batch();
         let mut pending: HashMap<String, Record> = HashMap::new();
@@ -615,16 +634,18 @@ impl Inner {
 
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
         batch.set_next_slot(*next_slot);
-        let digest = applied.iter().fold(*self.live_digest.lock(), |digest, a| {
-            let replaced = a
-                .previous
-                .as_ref()
-                .map_or(0, |p| item_digest(p.slot, &a.info.id));
-            digest ^ replaced ^ item_digest(a.slot, &a.info.id)
-        });
-        batch.set_live_digest(digest);
+        let digest = applied
+            .iter()
+            .fold(self.history.lock().digest, |digest, a| {
+                let replaced = a
+                    .previous
+                    .as_ref()
+                    .map_or(0, |p| item_digest(p.slot, &a.info.id));
+                digest ^ replaced ^ item_digest(a.slot, &a.info.id)
+            });
+        let history = self.advance(&mut batch, epoch, digest);
         self.commit_and_insert(batch, epoch, &applied)?;
-        *self.live_digest.lock() = digest;
+        *self.history.lock() = history;
         self.publish(applied);
         self.epoch.store(epoch, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
@@ -664,6 +685,31 @@ impl Inner {
                 .join()
                 .unwrap_or_else(|_| Err(Error::storage(&self.dir, "the store commit panicked")))
         })
+        .map_err(|e| self.failed_write(e))
+    }
+
+    /// The history after a batch of write `epoch` that leaves `digest` as the live-set
+    /// digest, recorded in `batch`.
+    fn advance(&self, batch: &mut WriteBatch, epoch: u64, digest: u128) -> History {
+        let lineage = next_lineage(self.history.lock().lineage, epoch, &self.dir);
+        batch.set_live_digest(digest);
+        batch.set_lineage(lineage);
+        History { digest, lineage }
+    }
+
+    /// Errors: [`Error::Storage`] once a batch could not be committed.
+    fn check_writable(&self) -> Result<()> {
+        if self.write_failed.load(Ordering::Acquire) {
+            let reason = "a write batch could not be committed; reopen the collection to write";
+            return Err(Error::storage(&self.dir, reason));
+        }
+        Ok(())
+    }
+
+    /// Marks the collection as refusing writes after `error` failed a commit.
+    fn failed_write(&self, error: Error) -> Error {
+        self.write_failed.store(true, Ordering::Release);
+        error
     }
 
     /// Makes committed writes visible: tombstones replaced slots and publishes new ones,
@@ -694,18 +740,21 @@ impl Inner {
 
     fn delete(&self, id: &str) -> Result<()> {
         let _writer = self.writer.lock();
+        self.check_writable()?;
         let record = self
             .store
             .record(id)?
             .ok_or_else(|| Error::UnknownId { id: id.to_string() })?;
         let mut batch = self.store.batch();
         batch.remove(id, &record);
-        let digest = *self.live_digest.lock() ^ item_digest(record.slot, id);
-        batch.set_live_digest(digest);
-
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
-        self.store.commit(batch, epoch)?;
-        *self.live_digest.lock() = digest;
+        let digest = self.history.lock().digest ^ item_digest(record.slot, id);
+        let history = self.advance(&mut batch, epoch, digest);
+
+        self.store
+            .commit(batch, epoch)
+            .map_err(|e| self.failed_write(e))?;
+        *self.history.lock() = history;
         self.forget(&record);
         self.epoch.store(epoch, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
@@ -803,7 +852,11 @@ impl Inner {
         let epoch = self.epoch.load(Ordering::Acquire);
         let view = self.slots.view();
         let items: Vec<(u64, &SlotInfo)> = view.iter_live().collect();
-        let owner = (self.store.collection_id(), epoch);
+        let owner = Owner {
+            collection: self.store.collection_id(),
+            epoch,
+            lineage: self.history.lock().lineage,
+        };
         self.dumps
             .write(&graph, &items, owner, &self.settings.hnsw)?;
         self.dumped_epoch.store(epoch, Ordering::Release);

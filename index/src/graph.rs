@@ -97,6 +97,10 @@ struct Manifest {
     #[serde(default)]
     collection: String,
     epoch: u64,
+    /// Lineage of the store's writes at that epoch, in hex (empty in dumps written before
+    /// lineages).
+    #[serde(default)]
+    lineage: String,
     basename: String,
     points: usize,
     items: usize,
@@ -111,6 +115,17 @@ struct FileSum {
     name: String,
     len: u64,
     checksum: String,
+}
+
+/// Which state of which store a dump reflects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Owner<'a> {
+    /// Id of the collection.
+    pub collection: &'a str,
+    /// Write epoch of the store.
+    pub epoch: u64,
+    /// Lineage of the store's writes up to that epoch.
+    pub lineage: u128,
 }
 
 /// Where the graph of a collection is dumped.
@@ -162,6 +177,8 @@ pub(crate) struct LoadedDump {
     pub collection: String,
     /// Write epoch of the store that the dump reflects.
     pub epoch: u64,
+    /// Lineage of the store's writes at that epoch; `None` in dumps written before lineages.
+    pub lineage: Option<u128>,
     /// The graph, checked and ranked.
     pub graph: Graph,
     /// The live items of that epoch.
@@ -183,15 +200,16 @@ impl DumpDir {
         plain.then_some(name)
     }
 
-    /// Writes `graph` and the live `items`, which reflect write `epoch`, as the new current
-    /// dump, then deletes older dumps. On failure the previous dump stays current.
+    /// Writes `graph` and the live `items`, which reflect the store state `owner`, as the new
+    /// current dump, then deletes older dumps. On failure the previous dump stays current.
     pub fn write(
         &self,
         graph: &Graph,
         items: &[(u64, &SlotInfo)],
-        (collection, epoch): (&str, u64),
+        owner: Owner<'_>,
         params: &HnswParams,
     ) -> Result<()> {
+        let epoch = owner.epoch;
         fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -210,7 +228,6 @@ impl DumpDir {
             .map_err(|e| io_error(&dir, format!("graph dump failed: {e}")))?;
         write_items(&items_file, items)?;
 
-        let owner = (collection, epoch);
         let manifest = self.describe(&dir, graph, items.len(), owner, params)?;
         self.publish(&dir, &name, &manifest)?;
         self.remove_stale(Some(&name));
@@ -224,7 +241,7 @@ impl DumpDir {
         dir: &Path,
         graph: &Graph,
         items: usize,
-        (collection, epoch): (&str, u64),
+        owner: Owner<'_>,
         params: &HnswParams,
     ) -> Result<Manifest> {
         let mut files = Vec::new();
@@ -240,8 +257,9 @@ impl DumpDir {
         }
         Ok(Manifest {
             format: DUMP_FORMAT,
-            collection: collection.to_string(),
-            epoch,
+            collection: owner.collection.to_string(),
+            epoch: owner.epoch,
+            lineage: format!("{:032x}", owner.lineage),
             basename: BASENAME.to_string(),
             points: graph.len(),
             items,
@@ -322,6 +340,7 @@ impl DumpDir {
         Ok(LoadedDump {
             collection: manifest.collection,
             epoch: manifest.epoch,
+            lineage: u128::from_str_radix(&manifest.lineage, 16).ok(),
             graph,
             items,
         })

@@ -206,9 +206,13 @@ impl Inner {
             if !filter.accepts(info.kind, &info.metadata) {
                 return Ok(None);
             }
-            let stored = self.store.vector(&info.id, self.settings.dimension)?;
+            // The store holds only the newest version of an id: while a replacement is being
+            // committed the old slot is still live, so its entry may already be the new one.
+            let stored = self.store.entry(&info.id, self.settings.dimension)?;
+            let current = stored.filter(|(record, _)| record.slot == *slot);
             let live = view.live(*slot as usize).is_some();
-            Ok(stored
+            Ok(current
+                .and_then(|(_, v)| v)
                 .filter(|_| live)
                 .map(|v| (vector::dot(query, &v), *slot)))
         };

@@ -25,6 +25,7 @@ const KEY_NEXT_SLOT: &[u8] = b"m/next_slot";
 const KEY_LAYOUT: &[u8] = b"m/layout";
 const KEY_COLLECTION_ID: &[u8] = b"m/collection_id";
 const KEY_LIVE_DIGEST: &[u8] = b"m/live_digest";
+const KEY_LINEAGE: &[u8] = b"m/lineage";
 const PREFIX_RECORD: u8 = b'i';
 const PREFIX_VECTOR: u8 = b'v';
 const PREFIX_PAYLOAD: u8 = b'p';
@@ -181,7 +182,17 @@ impl Store {
     /// The digest of the live items (see [`item_digest`]) as written with the last batch;
     /// `None` for a collection that has not recorded one yet.
     pub fn live_digest(&self) -> Result<Option<u128>> {
-        let bytes = self.db.get(KEY_LIVE_DIGEST).map_err(|e| self.fail(e))?;
+        self.read_u128(KEY_LIVE_DIGEST)
+    }
+
+    /// The lineage of the writes (see [`next_lineage`]) as written with the last batch;
+    /// `None` for a collection that has not recorded one yet.
+    pub fn lineage(&self) -> Result<Option<u128>> {
+        self.read_u128(KEY_LINEAGE)
+    }
+
+    fn read_u128(&self, key: &[u8]) -> Result<Option<u128>> {
+        let bytes = self.db.get(key).map_err(|e| self.fail(e))?;
         Ok(bytes
             .and_then(|b| <[u8; 16]>::try_from(b.as_ref()).ok())
             .map(u128::from_be_bytes))
@@ -461,6 +472,11 @@ impl WriteBatch {
     pub fn set_live_digest(&mut self, digest: u128) {
         self.batch.insert(KEY_LIVE_DIGEST, &digest.to_be_bytes());
     }
+
+    /// Records the lineage of the writes once this batch is applied.
+    pub fn set_lineage(&mut self, lineage: u128) {
+        self.batch.insert(KEY_LINEAGE, &lineage.to_be_bytes());
+    }
 }
 
 /// One live item's share of the live-set digest: the digest of a set of items is the XOR
@@ -468,6 +484,23 @@ impl WriteBatch {
 /// or moved item changes it.
 pub fn item_digest(slot: u64, id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), slot)
+}
+
+/// The lineage after one more write batch: a hash of the previous lineage, the batch's
+/// epoch, the time, the process and the store's path. Two copies of a collection that each
+/// take writes get different lineages even at equal epochs, so a dump of one is never taken
+/// for the state of the other.
+pub fn next_lineage(previous: u128, epoch: u64, path: &Path) -> u128 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut bytes = Vec::with_capacity(64 + path.as_os_str().len());
+    bytes.extend_from_slice(&previous.to_be_bytes());
+    bytes.extend_from_slice(&epoch.to_be_bytes());
+    bytes.extend_from_slice(&nanos.to_be_bytes());
+    bytes.extend_from_slice(&std::process::id().to_be_bytes());
+    bytes.extend_from_slice(path.as_os_str().as_encoded_bytes());
+    xxhash_rust::xxh3::xxh3_128(&bytes)
 }
 
 /// How long an open waits for the database's file lock.
