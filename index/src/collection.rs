@@ -158,9 +158,8 @@ impl Collection {
             graph,
             origin,
             max_slot,
-            digest,
+            history,
         } = initial_state(&store, dump, &settings, epoch, &tables)?;
-        let lineage = store.lineage()?.unwrap_or(0);
         let next_slot = next_slot.max(max_slot.map_or(0, |s| s + 1));
         let Tables {
             slots,
@@ -200,7 +199,7 @@ impl Collection {
             compaction: Mutex::new(None),
             compacting: Mutex::new(()),
             closing: AtomicBool::new(false),
-            history: Mutex::new(History { digest, lineage }),
+            history: Mutex::new(history),
             write_failed: AtomicBool::new(false),
         };
         Ok(Self {
@@ -273,13 +272,18 @@ impl Collection {
     }
 
     /// Waits for a background compaction, dumps the graph and flushes the store.
+    ///
+    /// Errors: [`Error::Storage`] when the dump or the flush fails; the store is flushed
+    /// even when the dump failed. After a failed write the graph is not dumped (it may hold
+    /// nodes the store lacks) and close reports that.
     pub fn close(self) -> Result<()> {
         let pending = self.inner.compaction.lock().take();
         if let Some(handle) = pending {
             let _ = handle.join();
         }
-        self.inner.dump_graph()?;
-        self.inner.store.flush()
+        let dumped = self.inner.dump_graph();
+        let flushed = self.inner.store.flush();
+        dumped.and(flushed)
     }
 
     /// Starts a background compaction when tombstones pass the configured share of the
@@ -399,8 +403,9 @@ fn open_with_dump(
 struct Initial {
     graph: Graph,
     origin: GraphOrigin,
+    /// The highest slot in use, live or in the graph.
     max_slot: Option<u64>,
-    digest: u128,
+    history: History,
 }
 
 /// The digest of a set of live items: the XOR of their [`item_digest`] shares.
@@ -433,22 +438,31 @@ fn initial_state(
             store = epoch,
             "graph dump reflects another write epoch; rebuilding the graph"
         ),
-        Ok(dump) if lineage.is_some() && dump.lineage != lineage => {
-            tracing::info!("graph dump reflects a diverged copy of the store; rebuilding the graph")
-        }
-        Ok(LoadedDump { graph, items, .. }) if !items.is_empty() && graph.len() >= items.len() => {
+        Ok(dump) if lineage.is_none() || dump.lineage != lineage => tracing::info!(
+            "graph dump and store have other write lineages (a diverged copy, or one of them \
+             written before lineages); rebuilding the graph"
+        ),
+        Ok(LoadedDump {
+            graph,
+            items,
+            lineage: Some(lineage),
+            ..
+        }) if !items.is_empty() && graph.len() >= items.len() => {
             let digest = digest_of(items.iter().map(|(slot, info)| (*slot, info.id.as_str())));
             if recorded.is_none_or(|r| r == digest) {
-                let max_slot = items.iter().map(|(slot, _)| *slot).max();
+                // Nodes of a batch whose commit failed sit in the graph on slots no item has.
+                let listed = items.iter().map(|(slot, _)| *slot).max();
+                let max_slot = listed.max(graph.slots().into_iter().max());
                 for (slot, info) in items {
                     tables.add(slot, info);
                 }
                 let origin = GraphOrigin::Reloaded;
+                let history = History { digest, lineage };
                 return Ok(Initial {
                     graph,
                     origin,
                     max_slot,
-                    digest,
+                    history,
                 });
             }
             tracing::info!("graph dump lists other live items than the store; rebuilding the graph")
@@ -460,13 +474,16 @@ fn initial_state(
         ),
         Err(reason) => tracing::info!(%reason, "rebuilding the graph"),
     }
-    rebuild(store, settings, tables, recorded)
+    rebuild(store, settings, epoch, tables, recorded)
 }
 
-/// Scans the store's records into the tables and builds the graph from their vectors.
+/// Scans the store's records into the tables and builds the graph from their vectors. The
+/// store gets the digest of what it holds and a new lineage, so no earlier dump is reloaded
+/// for the state from here on.
 fn rebuild(
     store: &Store,
     settings: &Settings,
+    epoch: u64,
     tables: &Tables,
     recorded: Option<u128>,
 ) -> Result<Initial> {
@@ -475,6 +492,10 @@ fn rebuild(
     if recorded != Some(digest) {
         store.set_live_digest(digest)?;
     }
+    let history = History {
+        digest,
+        lineage: store.renew_lineage(epoch)?,
+    };
     let (dimension, max_slot) = (settings.dimension, loaded.max_slot);
     if loaded.live.is_empty() {
         let graph = Graph::new(&settings.hnsw, dimension, 0);
@@ -483,7 +504,7 @@ fn rebuild(
             graph,
             origin,
             max_slot,
-            digest,
+            history,
         });
     }
     let mut graph = Graph::new(&settings.hnsw, dimension, loaded.live.len());
@@ -493,7 +514,7 @@ fn rebuild(
         graph,
         origin,
         max_slot,
-        digest,
+        history,
     })
 }
 
@@ -644,9 +665,8 @@ impl Inner {
                 digest ^ replaced ^ item_digest(a.slot, &a.info.id)
             });
         let history = self.advance(&mut batch, epoch, digest);
-        self.commit_and_insert(batch, epoch, &applied)?;
+        self.commit_and_insert(batch, epoch, applied)?;
         *self.history.lock() = history;
-        self.publish(applied);
         self.epoch.store(epoch, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
         Ok(outcomes)
@@ -662,24 +682,34 @@ impl Inner {
     }
 
     /// Commits `batch` while the new vectors go into the graph, so that the graph insertion
-    /// runs during the store's write and flush instead of after them. The new nodes stay out
-    /// of every result until [`Inner::publish`] gives their slots an item; when the commit
-    /// fails they are never published, count as tombstones and leave with the next
-    /// compaction. Caller holds the writer lock.
-    fn commit_and_insert(&self, batch: WriteBatch, epoch: u64, applied: &[Applied]) -> Result<()> {
+    /// runs during the store's write and flush instead of after them. The items are published
+    /// (see [`Inner::publish`]) as soon as the commit is durable, possibly before their nodes
+    /// are in the graph: until then only an exact scan finds them. When the commit fails they
+    /// are never published; their nodes count as tombstones and leave with the next
+    /// compaction, and the collection refuses further writes. Caller holds the writer lock.
+    fn commit_and_insert(
+        &self,
+        batch: WriteBatch,
+        epoch: u64,
+        applied: Vec<Applied>,
+    ) -> Result<()> {
         let mut graph = Arc::clone(&self.graph.read());
         if !graph.has_room(applied.len()) {
             graph = Arc::new(graph.with_room(applied.len()));
             *self.graph.write() = Arc::clone(&graph);
         }
-        let nodes: Vec<(&[f32], u64)> = applied
-            .iter()
-            .map(|a| (a.vector.as_slice(), a.slot))
-            .collect();
+        let (vectors, entries): (Vec<_>, Vec<_>) = applied
+            .into_iter()
+            .map(|a| ((a.vector, a.slot), (a.slot, a.info, a.previous)))
+            .unzip();
+        let nodes: Vec<(&[f32], u64)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
 
-        let store = &self.store;
         std::thread::scope(|scope| {
-            let commit = scope.spawn(move || store.commit(batch, epoch));
+            let commit = scope.spawn(move || {
+                self.store.commit(batch, epoch)?;
+                self.publish(entries);
+                Ok(())
+            });
             graph.insert(&nodes);
             commit
                 .join()
@@ -712,16 +742,15 @@ impl Inner {
         error
     }
 
-    /// Makes committed writes visible: tombstones replaced slots and publishes new ones,
-    /// whose nodes are already in the graph. Caller holds the writer lock.
-    fn publish(&self, applied: Vec<Applied>) {
-        for entry in applied {
-            if let Some(previous) = &entry.previous {
+    /// Makes committed writes visible: tombstones replaced slots and publishes new ones.
+    fn publish(&self, entries: Vec<(u64, SlotInfo, Option<Record>)>) {
+        for (slot, info, previous) in entries {
+            if let Some(previous) = &previous {
                 self.forget(previous);
             }
-            self.postings.add(entry.slot, &entry.info.metadata);
-            self.count(entry.info.kind).fetch_add(1, Ordering::Relaxed);
-            self.slots.publish(entry.slot, entry.info);
+            self.postings.add(slot, &info.metadata);
+            self.count(info.kind).fetch_add(1, Ordering::Relaxed);
+            self.slots.publish(slot, info);
         }
     }
 
@@ -842,6 +871,11 @@ impl Inner {
 
     fn dump_graph(&self) -> Result<()> {
         let _writer = self.writer.lock();
+        if self.write_failed.load(Ordering::Acquire) {
+            let reason = "graph not dumped: a write batch could not be committed, so the \
+                          graph may hold nodes the store lacks";
+            return Err(Error::storage(&self.dir, reason));
+        }
         if !self.dirty.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -1002,6 +1036,53 @@ mod tests {
         );
         let reopened = Collection::open(dir.path(), settings).expect("reopen");
         assert_eq!(reopened.stats().expect("stats").images, 10_000);
+    }
+
+    #[test]
+    fn nodes_of_a_failed_commit_are_never_dumped_or_served_under_another_id() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = Settings {
+            dimension: 16,
+            ..settings()
+        };
+        let collection = Collection::open(dir.path(), settings.clone()).expect("open");
+        collection.upsert(random_items(50, 16, 0)).expect("upsert");
+        collection.dump_graph().expect("dump");
+        // What a failed commit leaves: a node on the next slot that no item has.
+        let orphan = random_items(1, 16, 9).remove(0).vector;
+        let slot = *collection.inner.writer.lock();
+        collection
+            .inner
+            .graph
+            .read()
+            .insert(&[(orphan.as_slice(), slot)]);
+        *collection.inner.writer.lock() += 1;
+        collection.inner.write_failed.store(true, Ordering::Release);
+
+        let refused = collection.upsert(random_items(1, 16, 3));
+        assert!(matches!(refused, Err(Error::Storage { .. })));
+        assert!(
+            collection.close().is_err(),
+            "close must report the skipped dump"
+        );
+        let reopened = Collection::open(dir.path(), settings).expect("reopen");
+        let mut fresh = random_items(1, 16, 5);
+        fresh[0].id = "fresh".into();
+        reopened.upsert(fresh).expect("upsert");
+        for exact in [false, true] {
+            let request = SearchRequest {
+                vector: &orphan,
+                k: 1,
+                ef: None,
+                filter: Filter::default(),
+                exact,
+            };
+            let hits = reopened.search(&request).expect("search");
+            assert!(
+                hits.iter().all(|h| h.score < 0.99),
+                "orphan served: {hits:?}"
+            );
+        }
     }
 
     /// A collection whose items sit under separate record and vector keys, as collections

@@ -191,6 +191,16 @@ impl Store {
         self.read_u128(KEY_LINEAGE)
     }
 
+    /// Starts a new lineage after the current one (see [`next_lineage`]) and records it, so
+    /// that no dump written before is taken for the state from here on.
+    pub fn renew_lineage(&self, epoch: u64) -> Result<u128> {
+        let lineage = next_lineage(self.lineage()?.unwrap_or(0), epoch, &self.path);
+        self.db
+            .insert(KEY_LINEAGE, &lineage.to_be_bytes())
+            .map_err(|e| self.fail(e))?;
+        Ok(lineage)
+    }
+
     fn read_u128(&self, key: &[u8]) -> Result<Option<u128>> {
         let bytes = self.db.get(key).map_err(|e| self.fail(e))?;
         Ok(bytes
