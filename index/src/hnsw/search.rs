@@ -167,8 +167,14 @@ impl Hnsw {
         loop {
             context.fresh.clear();
             self.read_links(nearest.node, level, &mut context.fresh);
+            for &node in context.fresh.iter().take(PREFETCH_AHEAD) {
+                prefetch(self.vector(node), PREFETCH_LINES);
+            }
             let mut moved = false;
-            for &node in &context.fresh {
+            for (i, &node) in context.fresh.iter().enumerate() {
+                if let Some(&next) = context.fresh.get(i + PREFETCH_AHEAD) {
+                    prefetch(self.vector(next), PREFETCH_LINES);
+                }
                 let dist = self.distance(query, node);
                 if dist < nearest.dist {
                     nearest = Scored { dist, node };
