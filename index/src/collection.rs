@@ -277,10 +277,7 @@ impl Collection {
     /// even when the dump failed. After a failed write the graph is not dumped (it may hold
     /// nodes the store lacks) and close reports that.
     pub fn close(self) -> Result<()> {
-        let pending = self.inner.compaction.lock().take();
-        if let Some(handle) = pending {
-            let _ = handle.join();
-        }
+        self.inner.wait_for_compaction();
         let dumped = self.inner.dump_graph();
         let flushed = self.inner.store.flush();
         dumped.and(flushed)
@@ -317,10 +314,7 @@ impl Collection {
 impl Drop for Collection {
     fn drop(&mut self) {
         self.inner.closing.store(true, Ordering::Release);
-        let pending = self.inner.compaction.lock().take();
-        if let Some(handle) = pending {
-            let _ = handle.join();
-        }
+        self.inner.wait_for_compaction();
     }
 }
 
@@ -398,8 +392,8 @@ fn open_with_dump(
     (store, dump)
 }
 
-/// What an open starts from: the graph, where it came from, the highest live slot and the
-/// digest of the live items.
+/// What an open starts from: the graph, where it came from, the highest slot in use and the
+/// history of the writes.
 struct Initial {
     graph: Graph,
     origin: GraphOrigin,
@@ -561,7 +555,6 @@ pub(crate) struct Prepared {
     vector: Vec<f32>,
 }
 
-/// One item whose write was committed, to apply in memory.
 /// What every write batch carries forward.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct History {
@@ -571,6 +564,7 @@ pub(crate) struct History {
     lineage: u128,
 }
 
+/// One item whose write is being committed, to apply in memory.
 struct Applied {
     slot: u64,
     info: SlotInfo,
@@ -579,6 +573,14 @@ struct Applied {
 }
 
 impl Inner {
+    /// Waits for the background compaction's thread, if one was started.
+    fn wait_for_compaction(&self) {
+        let pending = self.compaction.lock().take();
+        if let Some(handle) = pending {
+            let _ = handle.join();
+        }
+    }
+
     pub fn live_count(&self) -> usize {
         (self.images.load(Ordering::Relaxed) + self.texts.load(Ordering::Relaxed)) as usize
     }

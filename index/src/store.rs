@@ -398,11 +398,7 @@ fn settle_collection_id(db: &sled::Db, path: &Path) -> std::result::Result<Strin
     if let Some(bytes) = db.get(KEY_COLLECTION_ID).map_err(|e| e.to_string())? {
         return String::from_utf8(bytes.to_vec()).map_err(|e| format!("collection id: {e}"));
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let seed = format!("{nanos}:{}:{}", std::process::id(), path.display());
-    let id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(seed.as_bytes()));
+    let id = format!("{:032x}", unique_hash(&[], path));
     db.insert(KEY_COLLECTION_ID, id.as_bytes())
         .map_err(|e| e.to_string())?;
     db.flush().map_err(|e| e.to_string())?;
@@ -501,12 +497,18 @@ pub fn item_digest(slot: u64, id: &str) -> u128 {
 /// take writes get different lineages even at equal epochs, so a dump of one is never taken
 /// for the state of the other.
 pub fn next_lineage(previous: u128, epoch: u64, path: &Path) -> u128 {
+    let mut seed = previous.to_be_bytes().to_vec();
+    seed.extend_from_slice(&epoch.to_be_bytes());
+    unique_hash(&seed, path)
+}
+
+/// A 128-bit hash of `seed`, the time, the process id and `path`: a value no other store,
+/// process or moment draws.
+fn unique_hash(seed: &[u8], path: &Path) -> u128 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let mut bytes = Vec::with_capacity(64 + path.as_os_str().len());
-    bytes.extend_from_slice(&previous.to_be_bytes());
-    bytes.extend_from_slice(&epoch.to_be_bytes());
+    let mut bytes = seed.to_vec();
     bytes.extend_from_slice(&nanos.to_be_bytes());
     bytes.extend_from_slice(&std::process::id().to_be_bytes());
     bytes.extend_from_slice(path.as_os_str().as_encoded_bytes());

@@ -167,14 +167,10 @@ impl Hnsw {
         loop {
             context.fresh.clear();
             self.read_links(nearest.node, level, &mut context.fresh);
-            for &node in context.fresh.iter().take(PREFETCH_AHEAD) {
-                prefetch(self.vector(node), PREFETCH_LINES);
-            }
+            self.prefetch_first(&context.fresh);
             let mut moved = false;
             for (i, &node) in context.fresh.iter().enumerate() {
-                if let Some(&next) = context.fresh.get(i + PREFETCH_AHEAD) {
-                    prefetch(self.vector(next), PREFETCH_LINES);
-                }
+                self.prefetch_ahead(&context.fresh, i);
                 let dist = self.distance(query, node);
                 if dist < nearest.dist {
                     nearest = Scored { dist, node };
@@ -217,9 +213,7 @@ impl Hnsw {
             self.expand(context, current.node, level);
             let fresh = std::mem::take(&mut context.fresh);
             for (i, &node) in fresh.iter().enumerate() {
-                if let Some(&next) = fresh.get(i + PREFETCH_AHEAD) {
-                    prefetch(self.vector(next), PREFETCH_LINES);
-                }
+                self.prefetch_ahead(&fresh, i);
                 let dist = self.distance(query, node);
                 if context.results.len() >= ef && dist >= bound {
                     continue;
@@ -253,9 +247,23 @@ impl Hnsw {
                 context.fresh.push(id);
             }
         }
-        for &node in context.fresh.iter().take(PREFETCH_AHEAD) {
+        self.prefetch_first(&context.fresh);
+        context.neighbours = links;
+    }
+
+    /// Requests the vectors of the first [`PREFETCH_AHEAD`] of `nodes`, before they are
+    /// scored in order.
+    fn prefetch_first(&self, nodes: &[u32]) {
+        for &node in nodes.iter().take(PREFETCH_AHEAD) {
             prefetch(self.vector(node), PREFETCH_LINES);
         }
-        context.neighbours = links;
+    }
+
+    /// Requests the vector [`PREFETCH_AHEAD`] places after position `i` of `nodes`, while
+    /// the node at `i` is scored.
+    fn prefetch_ahead(&self, nodes: &[u32], i: usize) {
+        if let Some(&next) = nodes.get(i + PREFETCH_AHEAD) {
+            prefetch(self.vector(next), PREFETCH_LINES);
+        }
     }
 }
