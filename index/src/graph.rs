@@ -441,7 +441,7 @@ fn reload(
         (graph.and_then(|g| g), vectors, items.and_then(|i| i))
     });
     let (graph, vectors, (items_sum, items)) = (graph?, vectors?, items?);
-    let mapped = graph.is_mapped() && vectors.is_mapped();
+    let mapped = vectors.is_mapped();
     let elapsed_ms = started.elapsed().as_millis() as u64;
     tracing::debug!(
         mapped,

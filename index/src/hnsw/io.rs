@@ -8,9 +8,13 @@
 //! - the vector file: header, slot numbers (`u64`), zero padding, then the vectors (`f32`,
 //!   `dimension` per node).
 //!
-//! The big array that ends each file is mapped copy-on-write rather than read (see
-//! [`Region::map_file`]); the small arrays before it are read. Either way everything is
-//! checksummed on the way (see [`crate::checksum`]), so a file is read once.
+//! The vectors, which end the vector file, are mapped and locked in memory rather than read
+//! (see [`Region::map_file`]): a graph never rewrites the vector of a node it holds. The
+//! base-level lists that end the graph file are read like the small arrays: inserts after a
+//! reload write into old nodes' lists, and a write into a mapped huge page unmaps the rest of
+//! that page from the process, which leaves those pages unlocked until touched again. Either
+//! way everything is checksummed on the way (see [`crate::checksum`]), so a file is read
+//! once.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -201,7 +205,7 @@ impl Hashing<File> {
                 Ok((values, self.sum.hex()))
             }
             Err(error) => {
-                tracing::debug!(%error, "cannot map a dump array; reading it");
+                tracing::info!(%error, "reading a dump array into memory instead of mapping it");
                 let values = self.array(len, spare)?;
                 Ok((values, self.finish(file_len)?))
             }
@@ -276,7 +280,8 @@ impl GraphFile {
         let upper = reader.array::<u32>(header.upper_words as usize, 0)?;
         reader.padding()?;
         let stride = stride as usize;
-        let (base, checksum) = reader.last_array(nodes * stride, spare * stride, len)?;
+        let base = reader.array(nodes * stride, spare * stride)?;
+        let checksum = reader.finish(len)?;
         Ok(Self {
             header,
             levels,
@@ -284,11 +289,6 @@ impl GraphFile {
             upper,
             checksum,
         })
-    }
-
-    /// Whether the base-level lists are mapped from the file rather than read into memory.
-    pub fn is_mapped(&self) -> bool {
-        self.base.is_file_backed()
     }
 }
 

@@ -2,11 +2,17 @@
 //! being built, or a dump file's trailing array mapped copy-on-write, followed by zeroed room
 //! for the nodes still to come.
 //!
-//! Mapping a dump instead of reading it means a reopen allocates no fresh memory for the two
-//! big arrays (vectors and base-level lists): the pages the file occupies in the page cache
-//! become the array's pages, and only a page the graph later writes (a base-level list that
-//! gains a link) is copied. On virtual machines, where the first touch of fresh memory can cost
-//! over a second per gigabyte, this is most of the open time of a large collection.
+//! Mapping a dump instead of reading it means a reopen allocates no fresh memory for its
+//! biggest array (the vectors): the pages the file occupies in the page cache become the
+//! array's pages, and a page the owner writes is copied. On virtual machines, where the first
+//! touch of fresh memory can cost over a second per gigabyte, this is most of the open time
+//! of a large collection.
+//!
+//! The mapped pages are locked in memory as they are faulted in ([`lock_resident`]): clean
+//! page cache is otherwise the first thing reclaim drops, even without memory pressure where
+//! the system reclaims cold pages proactively, and a search that touches a dropped page waits
+//! for the disk. Locking makes the mapped array as resident as the anonymous memory of a
+//! graph that was read, without copying it.
 //!
 //! A mapped file must not be truncated or rewritten in place while the graph lives: dump
 //! files are written once under a new name and only ever removed, and a removed file keeps
@@ -24,6 +30,9 @@ use std::sync::atomic::AtomicU32;
 pub(crate) const FILE_ALIGN: u64 = HUGE as u64;
 /// Size of a transparent huge page on common systems.
 const HUGE: usize = 2 << 20;
+/// `mlock2` flag of Linux (the same on every architecture): lock pages as they are faulted
+/// in, and the present ones now, without faulting in the rest.
+const MLOCK_ONFAULT: libc::c_uint = 1;
 
 /// Types for which all-zero bytes are a valid value and that need no drop.
 ///
@@ -81,10 +90,11 @@ impl<T: Zeroed> Region<T> {
     /// The last `len` values of `file`, which start at `offset` (a multiple of
     /// [`FILE_ALIGN`]) and end the file, mapped copy-on-write and followed by `spare`
     /// zeroed values. The file's pages are read in (from the page cache where they are
-    /// cached) before this returns.
+    /// cached) before this returns, and the whole array is locked in memory.
     ///
     /// Errors: the system cannot map the file there (another page size, a file system
-    /// without mapping support); callers read the file instead.
+    /// without mapping support) or refuses to lock it (the process lacks `CAP_IPC_LOCK` and
+    /// the array exceeds `RLIMIT_MEMLOCK`); callers read the file instead.
     pub fn map_file(file: &File, offset: u64, len: usize, spare: usize) -> std::io::Result<Self> {
         let bytes = byte_len::<T>(len.checked_add(spare).expect("array length overflows"));
         let file_bytes = byte_len::<T>(len);
@@ -108,6 +118,8 @@ impl<T: Zeroed> Region<T> {
             // SAFETY: `room` is within the array's `bytes` bytes.
             advise_huge_pages(unsafe { ptr.as_ptr().add(room) }, bytes - room);
         }
+
+        lock_resident(ptr.as_ptr(), bytes)?;
         Ok(region)
     }
 }
@@ -250,6 +262,29 @@ fn map_file_over(file: &File, offset: u64, at: *mut u8, bytes: usize) -> std::io
     Ok(())
 }
 
+/// Locks the pages of `bytes` bytes at `at` in memory: those present now, and the others as
+/// they are first touched. Reclaim then never drops them, whether it runs under memory
+/// pressure or proactively on pages it sees as cold. Locking on fault, rather than locking
+/// everything at once, also keeps the file's pages shared with the page cache: a full lock
+/// of a writable private mapping would copy every page.
+///
+/// Errors: `EPERM` or `ENOMEM` when the process may not lock that much memory.
+fn lock_resident(at: *mut u8, bytes: usize) -> std::io::Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: the range lies inside a mapping this module owns; locking changes no contents,
+    // and munmap releases the lock with the mapping.
+    if unsafe { libc::mlock2(at.cast(), bytes, MLOCK_ONFAULT) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            error.kind(),
+            format!("cannot lock {bytes} bytes of a mapped dump in memory: {error}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Asks the kernel to back the 2 MiB-aligned interior of `bytes` bytes at `start` with
 /// transparent huge pages (Linux, when THP is enabled or in `madvise` mode): one page fault
 /// and one TLB entry per 2 MiB instead of per 4 KiB, which matters for gigabyte-sized vector
@@ -323,6 +358,51 @@ mod tests {
             &bytes[..],
             "writes stay private to the mapping"
         );
+    }
+
+    /// The `Locked` and `Anonymous` sizes, in kB, of the mapping that holds `address`.
+    fn locked_and_anonymous_kb(address: usize) -> (u64, u64) {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let (mut locked, mut anonymous) = (None, None);
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((start, end)) = first.split_once('-') {
+                let range = usize::from_str_radix(start, 16)
+                    .and_then(|s| usize::from_str_radix(end, 16).map(|e| s..e));
+                if let Ok(range) = range {
+                    inside = range.contains(&address);
+                    continue;
+                }
+            }
+            let kb = || {
+                line.split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            };
+            if inside && line.starts_with("Locked:") {
+                locked = Some(kb());
+            }
+            if inside && line.starts_with("Anonymous:") {
+                anonymous = Some(kb());
+            }
+        }
+        (locked.unwrap(), anonymous.unwrap())
+    }
+
+    #[test]
+    fn mapped_arrays_are_locked_without_copying_the_file() {
+        let values = 1usize << 20;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![0u8; FILE_ALIGN as usize]).unwrap();
+        file.write_all(&vec![7u8; values * 4]).unwrap();
+
+        let region = Region::<u32>::map_file(&file, FILE_ALIGN, values, 1000).unwrap();
+        let (locked, anonymous) = locked_and_anonymous_kb(region.as_ptr() as usize);
+        assert_eq!(locked, 4096, "every page of the file's 4 MiB is locked");
+        assert_eq!(anonymous, 0, "locking copies no page of the file");
     }
 
     #[test]

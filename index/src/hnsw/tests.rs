@@ -327,7 +327,7 @@ fn damaged_files_are_refused_not_trusted() {
     std::fs::write(&links, &bad).unwrap();
     let file = GraphFile::read(&links, 0).unwrap();
     let vector_file = VectorFile::read(&data, 0).unwrap();
-    assert!(file.is_mapped() && vector_file.is_mapped());
+    assert!(vector_file.is_mapped());
     let error = Hnsw::from_files(shape(), file, vector_file, 0)
         .err()
         .unwrap();
