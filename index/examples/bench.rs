@@ -14,6 +14,10 @@
 //! centres in a low-rank subspace plus a little full-rank noise, closer to real embeddings
 //! whose intrinsic dimension is far below 256.
 //!
+//! `--rounds N` repeats the query phase N times, ours and hnswlib's alternating on the same
+//! built indexes (hnswlib's saved one is loaded again), and reports each library's median QPS
+//! and reopen times, which evens out a host whose speed drifts during the run.
+//!
 //! `--log FILTER` (a tracing filter such as `mplug_index=debug`) prints the index's events to
 //! stderr with their time since start, phase children included, e.g. the steps of a reopen.
 
@@ -50,6 +54,7 @@ struct Options {
     size: usize,
     data: String,
     log: Option<String>,
+    rounds: usize,
 }
 
 fn parse_list(value: &str) -> Vec<usize> {
@@ -73,6 +78,7 @@ fn parse_options() -> Options {
         size: 0,
         data: "uniform".to_string(),
         log: None,
+        rounds: 1,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -90,6 +96,7 @@ fn parse_options() -> Options {
             "--size" => o.size = value.parse().unwrap_or(0),
             "--data" => o.data = value.to_string(),
             "--log" => o.log = Some(value.to_string()),
+            "--rounds" => o.rounds = value.parse::<usize>().unwrap_or(1).max(1),
             other => eprintln!("ignoring unknown flag {other}"),
         }
     }
@@ -444,6 +451,28 @@ fn run_child(o: &Options, size: usize, phase: &str) -> Value {
     serde_json::from_str(line).unwrap_or(Value::Null)
 }
 
+/// Median over `rounds` (one library's query phases) of each run's QPS and of the reopen
+/// times; everything else is taken from the first round.
+fn median_rounds(rounds: &[Value]) -> Value {
+    let median = |values: Vec<f64>| {
+        let mut values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut out = rounds.first().cloned().unwrap_or(Value::Null);
+    for key in ["reopen_s", "cold_reopen_s"] {
+        if let Some(field) = out.get_mut(key) {
+            *field = json!(median(rounds.iter().map(|r| num(r, key)).collect()));
+        }
+    }
+    let runs = out.get_mut("runs").and_then(Value::as_array_mut);
+    for (i, run) in runs.into_iter().flatten().enumerate() {
+        let qps = rounds.iter().map(|r| num(&r["runs"][i], "qps")).collect();
+        run["qps"] = json!(median(qps));
+    }
+    out
+}
+
 fn run_hnswlib(o: &Options, size: usize, python: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hnswlib_bench.py");
     let efs: Vec<String> = o.efs.iter().map(usize::to_string).collect();
@@ -462,6 +491,7 @@ fn run_hnswlib(o: &Options, size: usize, python: &Path) -> Value {
             &o.ef_construction.to_string(),
         ])
         .args(["--efs", &efs.join(","), "--k", &K.to_string()])
+        .args((o.rounds > 1).then_some("--keep"))
         .output()
         .expect("hnswlib bench runs");
     if !output.status.success() {
@@ -628,11 +658,22 @@ fn main() {
         prepare_data(&o, size);
         let build = run_child(&o, size, "build");
         let cold = run_child(&o, size, "cold-reopen");
-        let mut query = run_child(&o, size, "query");
-        if let (Some(query), Some(cold)) = (query.as_object_mut(), cold.as_object()) {
-            query.extend(cold.clone());
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..o.rounds {
+            let mut query = run_child(&o, size, "query");
+            if let (Some(query), Some(cold)) = (query.as_object_mut(), cold.as_object()) {
+                query.extend(cold.clone());
+            }
+            eprintln!("mplug-index n={size}: build {build} query {query}");
+            ours.push(query);
+            if let Some(python) = &o.python {
+                let hnswlib = run_hnswlib(&o, size, python);
+                eprintln!("hnswlib n={size}: {hnswlib}");
+                theirs.push(hnswlib);
+            }
         }
-        eprintln!("mplug-index n={size}: build {build} query {query}");
+        let _ = fs::remove_file(size_dir(&o, size).join("hnswlib.bin"));
+        let query = median_rounds(&ours);
         let row = Row {
             library: "mplug-index",
             data: &o.data,
@@ -642,9 +683,8 @@ fn main() {
             load: load_average(),
         };
         print_rows(&mut table, &row);
-        if let Some(python) = &o.python {
-            let hnswlib = run_hnswlib(&o, size, python);
-            eprintln!("hnswlib n={size}: {hnswlib}");
+        if !theirs.is_empty() {
+            let hnswlib = median_rounds(&theirs);
             let row = Row {
                 library: "hnswlib",
                 build_s: num(&hnswlib, "build_s"),
@@ -659,8 +699,9 @@ fn main() {
 
     println!(
         "\nM = {}, ef_construction = {}, dim = {}, {} queries, k = {K}, queries single-threaded; \
-         build uses all cores (ours: durable batches of {BATCH})",
-        o.max_connections, o.ef_construction, o.dim, o.queries
+         build uses all cores (ours: durable batches of {BATCH}); QPS and reopen: median of \
+         {} rounds, the libraries alternating",
+        o.max_connections, o.ef_construction, o.dim, o.queries, o.rounds
     );
     println!(concat!(
         "| library     | data      |         n |  build v/s |   ef |      QPS ",

@@ -57,6 +57,8 @@ def main():
     parser.add_argument("--efc", type=int, required=True)
     parser.add_argument("--efs", required=True)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the saved index, and load it instead of building when present")
     args = parser.parse_args()
 
     data = np.fromfile(os.path.join(args.dir, "vectors.f32"), dtype="<f4").reshape(-1, args.dim)
@@ -64,23 +66,26 @@ def main():
     truth = np.fromfile(os.path.join(args.dir, "truth.u32"), dtype="<u4").reshape(-1, args.k)
     threads = os.cpu_count() or 1
 
-    rss_before = rss_bytes()
-    index = hnswlib.Index(space="ip", dim=args.dim)
-    index.init_index(max_elements=len(data), ef_construction=args.efc, M=args.m)
-    started = time.perf_counter()
-    index.add_items(data, np.arange(len(data)), num_threads=threads)
-    build_s = time.perf_counter() - started
-    rss_per_vector = (rss_bytes() - rss_before) / len(data)
-
     path = os.path.join(args.dir, "hnswlib.bin")
-    index.save_index(path)
-    del index
+    build_s = None
+    rss_before = rss_bytes()
+    if not (args.keep and os.path.exists(path)):
+        index = hnswlib.Index(space="ip", dim=args.dim)
+        index.init_index(max_elements=len(data), ef_construction=args.efc, M=args.m)
+        started = time.perf_counter()
+        index.add_items(data, np.arange(len(data)), num_threads=threads)
+        build_s = time.perf_counter() - started
+        index.save_index(path)
+        del index
+
     set_page_cache(path, warm=False)
     cold_reopen_s, index = timed_load(path, args.dim, len(data))
     del index
     set_page_cache(path, warm=True)
     reopen_s, index = timed_load(path, args.dim, len(data))
-    os.remove(path)
+    rss_per_vector = (rss_bytes() - rss_before) / len(data)
+    if not args.keep:
+        os.remove(path)
 
     runs = []
     for ef in [int(e) for e in args.efs.split(",")]:
