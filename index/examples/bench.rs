@@ -16,7 +16,8 @@
 //!
 //! `--rounds N` repeats the query phase N times, ours and hnswlib's alternating on the same
 //! built indexes (hnswlib's saved one is loaded again), and reports each library's median QPS
-//! and reopen times, which evens out a host whose speed drifts during the run.
+//! and reopen time, which evens out a host whose speed drifts during the run. Our cold reopen
+//! runs once, before the rounds; hnswlib's runs in every round (its median is shown).
 //!
 //! `--log FILTER` (a tracing filter such as `mplug_index=debug`) prints the index's events to
 //! stderr with their time since start, phase children included, e.g. the steps of a reopen.
@@ -659,6 +660,8 @@ fn main() {
         let build = run_child(&o, size, "build");
         let cold = run_child(&o, size, "cold-reopen");
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        // A saved hnswlib index left by an interrupted run may have other parameters.
+        let _ = fs::remove_file(size_dir(&o, size).join("hnswlib.bin"));
         for _ in 0..o.rounds {
             let mut query = run_child(&o, size, "query");
             if let (Some(query), Some(cold)) = (query.as_object_mut(), cold.as_object()) {

@@ -184,15 +184,21 @@ impl<R: Read> Hashing<R> {
 
 impl Hashing<File> {
     /// The array of `len` values that ends a file of `file_len` bytes, followed by `spare`
-    /// zeroed values, and the hash of the whole file. Maps the array where the system can;
-    /// reads it otherwise.
+    /// zeroed values, and the hash of the whole file. Maps and locks the array where the
+    /// system allows and `placement` asks for it; reads it otherwise.
     fn last_array<T: Plain>(
         mut self,
-        len: usize,
-        spare: usize,
+        (len, spare): (usize, usize),
         file_len: u64,
+        placement: Placement,
     ) -> Result<(Region<T>, String), String> {
-        match Region::<T>::map_file(&self.inner, self.read, len, spare) {
+        let mapped = match placement {
+            Placement::MappedLocked => {
+                Region::<T>::map_file(&self.inner, self.read, (len, spare), true)
+            }
+            Placement::Read => Err(std::io::Error::other("reading was asked for")),
+        };
+        match mapped {
             Ok(values) => {
                 let raw = bytes(&values[..len]);
                 raw.chunks(READ_CHUNK)
@@ -204,6 +210,11 @@ impl Hashing<File> {
                 }
                 Ok((values, self.sum.hex()))
             }
+            Err(error) if placement == Placement::Read => {
+                tracing::debug!(%error, "reading a dump array into memory");
+                let values = self.array(len, spare)?;
+                Ok((values, self.finish(file_len)?))
+            }
             Err(error) => {
                 tracing::info!(%error, "reading a dump array into memory instead of mapping it");
                 let values = self.array(len, spare)?;
@@ -211,6 +222,15 @@ impl Hashing<File> {
             }
         }
     }
+}
+
+/// Where [`VectorFile::read_as`] puts the vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Mapped from the file and locked in memory, or read where either is refused.
+    MappedLocked,
+    /// Read into anonymous memory.
+    Read,
 }
 
 /// Zero bytes that follow `offset` bytes to reach a multiple of [`FILE_ALIGN`].
@@ -293,8 +313,14 @@ impl GraphFile {
 }
 
 impl VectorFile {
-    /// Reads and hashes a vector file, leaving `spare` nodes of room in the arrays.
+    /// Reads and hashes a vector file, leaving `spare` nodes of room in the arrays, with the
+    /// vectors mapped and locked where the system allows ([`Placement::MappedLocked`]).
     pub fn read(path: &Path, spare: usize) -> Result<Self, String> {
+        Self::read_as(path, spare, Placement::MappedLocked)
+    }
+
+    /// [`VectorFile::read`] with the vectors placed as `placement` says.
+    pub(crate) fn read_as(path: &Path, spare: usize, placement: Placement) -> Result<Self, String> {
         let (mut reader, len) = open_hashing(path)?;
         let header = reader.header(VECTOR_MAGIC)?;
         let dim = header.shape.dimension;
@@ -306,7 +332,7 @@ impl VectorFile {
         let nodes = layout.check(len)?;
         let slots = reader.array::<u64>(nodes, spare)?;
         reader.padding()?;
-        let (vectors, checksum) = reader.last_array(nodes * dim, spare * dim, len)?;
+        let (vectors, checksum) = reader.last_array((nodes * dim, spare * dim), len, placement)?;
         Ok(Self {
             header,
             slots,
