@@ -8,10 +8,13 @@
 //! crate single-threaded inside the task. Compared with composed tensor ops this avoids the
 //! head-split and transpose copies and the (B, H, Lq, Lk) score and probability tensors.
 //!
-//! TODO(attention-speed): the two products run on the `gemm` crate at about 92 % of the
-//! packed linear kernel's rate, and the softmax costs 4 % of a ViT-B/16 forward on AVX2.
-//! Packing each head's keys and values for the linear kernel and fusing the softmax into
-//! the score tiles is the remaining f32 headroom (about 5 % of the encoder), not yet done.
+//! TODO(attention-speed): the two products run in f32 on the `gemm` crate in both
+//! precisions. With linear layers on the AMX tile unit (bf16), they take about 21 % of a
+//! ViT-B/16 forward and the softmax 13 %, which is why bf16 gains 2.5× at batch 1 but under
+//! 2× at batch 8 and for the rerank. Rounding each head's queries, keys, probabilities and
+//! values to bf16 and running both products on the tile unit (keys and values packed like
+//! weight panels, the key count padded to 32) is the next step; in f32, packing each head's
+//! keys and values for the linear kernel and fusing the softmax into the score tiles.
 
 #![expect(
     unsafe_code,

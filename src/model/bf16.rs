@@ -1,5 +1,6 @@
 //! A CPU GEMM with bf16 weights, bf16-rounded activations and f32 accumulation, on the
-//! AVX512-BF16 dot-product instruction (`vdpbf16ps`).
+//! AMX tile unit where the CPU has it, otherwise on the AVX512-BF16 dot-product instruction
+//! (`vdpbf16ps`).
 //!
 //! Weights are rounded to bf16 once and packed into panels of [`NR`] output columns, with
 //! each pair of adjacent input features stored side by side, the layout the instruction
@@ -7,6 +8,14 @@
 //! A register-blocked microkernel computes [`MR`] × [`NR`] output tiles over the whole
 //! reduction; rayon spreads tiles over threads. Bias, activation and a residual are applied
 //! to each tile while it is still in cache.
+//!
+//! With AMX (AMX-TILE and AMX-BF16, and a Linux kernel that grants the process the tile
+//! state), layers whose input width is a multiple of 32 run on the tile unit instead: the
+//! packed panels are already the layout `tdpbf16ps` reads (pairs of inputs side by side per
+//! column), so the same weights serve both kernels. One block is 32 rows × [`NR`] columns in
+//! four accumulator tiles, fed by two activation tiles and two weight tiles per 32 inputs.
+//! The tile unit does 16 times the multiply-adds per cycle of `vdpbf16ps`; on CPUs that
+//! have both, `vdpbf16ps` is no faster than f32 FMAs, so AMX is what makes bf16 pay.
 //!
 //! [`available`] says whether the running CPU has the instructions; nothing here may be
 //! called when it does not (the callers check once at model load).
@@ -28,6 +37,8 @@ pub const MR: usize = 8;
 
 /// Rows of one parallel work item (a multiple of [`MR`]).
 const TASK_ROWS: usize = 4 * MR;
+
+const _: () = assert!(amx::TASK_ROWS.is_multiple_of(amx::ROWS) && amx::ROWS.is_multiple_of(MR));
 
 /// Columns of one parallel work item (a multiple of [`NR`]).
 const TASK_COLS: usize = 4 * NR;
@@ -116,10 +127,16 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
             "residual length must be rows × out_dim"
         );
     }
+    let on_tiles = uses_amx(w);
+    let (task_rows, task_cols) = if on_tiles {
+        (amx::TASK_ROWS, amx::TASK_COLS)
+    } else {
+        (TASK_ROWS, TASK_COLS)
+    };
     let a = round_rows(xs, rows, w.in_dim);
     let mut out = vec![0f32; rows * w.out_dim];
-    let row_tasks = rows.div_ceil(TASK_ROWS);
-    let col_tasks = w.out_dim.div_ceil(TASK_COLS);
+    let row_tasks = rows.div_ceil(task_rows);
+    let col_tasks = w.out_dim.div_ceil(task_cols);
     let sink = Sink {
         dst: SharedOut(out.as_mut_ptr()),
         out_dim: w.out_dim,
@@ -127,31 +144,46 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
         epilogue,
     };
     (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
+        let (row0, col0) = (
+            (task / col_tasks) * task_rows,
+            (task % col_tasks) * task_cols,
+        );
         let block = Block {
-            row0: (task / col_tasks) * TASK_ROWS,
-            col0: (task % col_tasks) * TASK_COLS,
-            rows,
+            rows: row0..(row0 + task_rows).min(rows),
+            cols: col0..(col0 + task_cols).min(w.out_dim),
         };
-        // SAFETY: the CPU check above holds; each task writes only its own rows × columns
+        // SAFETY: the CPU checks above hold; each task writes only its own rows × columns
         // block of `out`, which is rows × out_dim long and outlives the parallel loop.
-        unsafe { run_block(&a, w, &block, &sink) };
+        unsafe {
+            if on_tiles {
+                amx::run_block(&a, w, &block, &sink);
+            } else {
+                run_block(&a, w, &block, &sink);
+            }
+        }
     });
     out
 }
 
-/// One parallel work item: `TASK_ROWS` rows from `row0` and `TASK_COLS` columns from `col0`,
-/// clipped to the matrix.
+/// Whether [`matmul`] runs `w` on the AMX tile unit: the CPU and kernel allow it and the
+/// input width is a whole number of 32-input tile steps.
+pub fn uses_amx(w: &PackedBf16) -> bool {
+    w.in_dim.is_multiple_of(amx::INPUTS) && amx::usable()
+}
+
+/// One parallel work item: the output rows and columns it computes, starting on a multiple
+/// of its kernel's tile rows and of [`NR`].
 struct Block {
-    row0: usize,
-    col0: usize,
-    rows: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
 }
 
 /// Rounds row-major f32 rows to bf16 pairs: one u32 per input pair (first value in the low
-/// half), rows padded with zeros to a multiple of [`MR`] and an odd width padded by one.
+/// half), rows padded with zeros to a multiple of [`amx::ROWS`] (itself a multiple of
+/// [`MR`]) and an odd width padded by one.
 fn round_rows(xs: &[f32], rows: usize, in_dim: usize) -> Vec<u32> {
     let pairs = in_dim.div_ceil(2);
-    let padded = rows.div_ceil(MR) * MR;
+    let padded = rows.div_ceil(amx::ROWS) * amx::ROWS;
     let mut a = vec![0u32; padded * pairs];
     a.par_chunks_mut(pairs)
         .zip(xs.par_chunks(in_dim))
@@ -185,12 +217,11 @@ fn round_row_scalar(src: &[f32], dst: &mut [u32]) {
 /// `sink.dst` points to (rows × out_dim) and no other thread writes it.
 unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
     let pairs = w.pairs();
-    let row_end = (block.row0 + TASK_ROWS).min(block.rows);
-    let col_end = (block.col0 + TASK_COLS).min(w.out_dim);
+    let (row_end, col_end) = (block.rows.end, block.cols.end);
     let mut tile = [0f32; MR * NR];
-    for col in (block.col0..col_end).step_by(NR) {
+    for col in block.cols.clone().step_by(NR) {
         let panel = &w.panels[(col / NR) * pairs * NR * 2..][..pairs * NR * 2];
-        for row in (block.row0..row_end).step_by(MR) {
+        for row in block.rows.clone().step_by(MR) {
             let lhs = &a[row * pairs..][..MR * pairs];
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the caller guarantees the CPU features; slices are sized by `pairs`.
@@ -205,6 +236,191 @@ unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
             };
             // SAFETY: forwarded from the caller: the span lies in this task's block.
             unsafe { sink.write(&tile, NR, &out) };
+        }
+    }
+}
+
+/// The AMX path: tile configuration, the 32 × [`NR`] block product and its driver.
+mod amx {
+    use std::sync::OnceLock;
+
+    use super::{Block, PackedBf16, Sink, Span, NR};
+
+    /// Rows of one block: two tiles of 16 rows.
+    pub(super) const ROWS: usize = 32;
+
+    /// Rows of one parallel work item: four blocks, so that each weight panel loaded from
+    /// the shared cache serves 128 rows (with 32 rows per task, streaming the panels took as
+    /// long as the tile products).
+    pub(super) const TASK_ROWS: usize = 4 * ROWS;
+
+    /// Columns of one parallel work item: four panels.
+    pub(super) const TASK_COLS: usize = 4 * NR;
+
+    /// Inputs per tile step: a tile row holds 64 bytes, 32 bf16 values.
+    pub(super) const INPUTS: usize = 32;
+
+    /// Bytes between consecutive input pairs of a packed panel.
+    const PANEL_PAIR_BYTES: usize = NR * 2 * 2;
+
+    /// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel granted this process the
+    /// tile state (Linux asks each process to request it once; without it the first tile
+    /// instruction faults). Decided once per process.
+    pub(super) fn usable() -> bool {
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| cpu_has_amx() && request_tile_state())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn cpu_has_amx() -> bool {
+        const AMX_BF16: u32 = 1 << 22;
+        const AMX_TILE: u32 = 1 << 24;
+        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+        leaf.edx & AMX_BF16 != 0 && leaf.edx & AMX_TILE != 0
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn cpu_has_amx() -> bool {
+        false
+    }
+
+    /// Asks Linux for permission to use the tile data state (`ARCH_REQ_XCOMP_PERM` for
+    /// `XFEATURE_XTILEDATA`). False on refusal or on another system.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn request_tile_state() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with this request only changes which state components the
+        // process may use; it touches no memory.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        rc == 0
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    fn request_tile_state() -> bool {
+        false
+    }
+
+    /// The output block of one [`product`], row-major with [`NR`] columns.
+    #[repr(C, align(64))]
+    struct Tile([f32; ROWS * NR]);
+
+    /// The tile layout of [`product`]: palette 1, eight tiles of 16 rows × 64 bytes
+    /// (tmm0–3 accumulate, tmm4–5 hold activations, tmm6–7 weights).
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    impl Config {
+        fn new() -> Self {
+            let mut bytes = [0u8; 64];
+            bytes[0] = 1;
+            for tile in 0..8 {
+                bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&64u16.to_le_bytes());
+                bytes[48 + tile] = 16;
+            }
+            Self(bytes)
+        }
+    }
+
+    /// One task's block on the tile unit: configures the tiles, multiplies every 32-row ×
+    /// [`NR`]-column block and hands it to the sink, then releases the tiles.
+    ///
+    /// # Safety
+    /// [`usable`] is true and `w.in_dim` is a multiple of [`INPUTS`]; `a` holds the rows
+    /// rounded by [`super::round_rows`]; `block` lies within the matrix that `sink.dst`
+    /// points to and no other thread writes it.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
+        let pairs = w.pairs();
+        let (row_end, col_end) = (block.rows.end, block.cols.end);
+        let config = Config::new();
+        let mut tile = Tile([0f32; ROWS * NR]);
+        // SAFETY: the CPU supports AMX and the process holds the tile state (caller).
+        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack)) };
+        for col in block.cols.clone().step_by(NR) {
+            let panel = &w.panels[(col / NR) * pairs * NR * 2..][..pairs * NR * 2];
+            for row in block.rows.clone().step_by(ROWS) {
+                let lhs = &a[row * pairs..][..ROWS * pairs];
+                // SAFETY: tiles are configured; the slices hold what `product` reads.
+                unsafe { product(lhs, panel, pairs, &mut tile) };
+                let out = Span {
+                    row,
+                    col,
+                    rows: (row_end - row).min(ROWS),
+                    cols: (col_end - col).min(NR),
+                };
+                // SAFETY: forwarded from the caller: the span lies in this task's block.
+                unsafe { sink.write(&tile.0, NR, &out) };
+            }
+        }
+        // SAFETY: returns the tiles to their initial state; nothing reads them afterwards.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) unsafe fn run_block(_: &[u32], _: &PackedBf16, _: &Block, _: &Sink) {
+        unreachable!("AMX is never usable off x86_64");
+    }
+
+    /// `tile = a · panel` for 32 rows of `a` (`pairs` u32 pairs each) and one panel of
+    /// [`NR`] columns, 32 inputs per step: two activation tiles (rows 0–15, 16–31) times
+    /// two weight tiles (columns 0–15, 16–31) into four accumulators, stored at the end.
+    ///
+    /// # Safety
+    /// Tiles are configured as [`Config::new`] describes; `pairs` is a positive multiple of
+    /// 16; `a` holds 32 × `pairs` values and `panel` `pairs` × [`NR`] × 2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn product(a: &[u32], panel: &[u16], pairs: usize, tile: &mut Tile) {
+        assert!(pairs > 0 && pairs.is_multiple_of(INPUTS / 2));
+        assert!(a.len() >= ROWS * pairs && panel.len() >= pairs * NR * 2);
+        let steps = pairs / (INPUTS / 2);
+        let row_bytes = pairs * 4;
+        // SAFETY: every load reads 16 rows of 64 bytes: activation rows `r` and `16 + r` at
+        // byte offset 64·step (inside a row of `row_bytes`), weight pairs 16·step.. at
+        // `PANEL_PAIR_BYTES` apart (inside the panel); the stores write 32 rows of 128 bytes
+        // into `tile`. Only tile registers, the named operands and flags change.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}]",
+                "tileloadd tmm5, [{a16} + {lda}]",
+                "tileloadd tmm6, [{b} + {ldb}]",
+                "tileloadd tmm7, [{b} + {ldb} + 64]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a}, 64",
+                "add {a16}, 64",
+                "add {b}, {step_bytes}",
+                "dec {steps}",
+                "jnz 2b",
+                "tilestored [{c} + {ldc}], tmm0",
+                "tilestored [{c} + {ldc} + 64], tmm1",
+                "tilestored [{c} + {ldc} + {half}], tmm2",
+                "tilestored [{c} + {ldc} + {half} + 64], tmm3",
+                a = inout(reg) a.as_ptr() => _,
+                a16 = inout(reg) a.as_ptr().add(16 * pairs) => _,
+                lda = in(reg) row_bytes,
+                b = inout(reg) panel.as_ptr() => _,
+                ldb = in(reg) PANEL_PAIR_BYTES,
+                step_bytes = const (INPUTS / 2) * PANEL_PAIR_BYTES,
+                steps = inout(reg) steps => _,
+                c = in(reg) tile.0.as_mut_ptr(),
+                ldc = in(reg) NR * 4,
+                half = const 16 * NR * 4,
+                options(nostack),
+            );
         }
     }
 }
@@ -314,6 +530,42 @@ mod tests {
                 .fold(0f32, f32::max);
             // Only the f32 accumulation order differs from the f64 reference.
             assert!(diff < 1e-4, "({rows}, {n}, {k}): max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn tile_unit_matches_reference_on_odd_rows_and_columns() {
+        if !available() {
+            eprintln!("skipped: this CPU has no avx512_bf16");
+            return;
+        }
+        for (rows, n, k) in [
+            (1, 1, 32),
+            (33, 45, 64),
+            (150, 100, 96),
+            (5, 31, 768),
+            (300, 161, 64),
+        ] {
+            let (xs, w, b) = operands((rows, n, k), 2);
+            let packed = PackedBf16::pack(&w, n, k, Some(b.clone()));
+            assert_eq!(uses_amx(&packed), amx::usable());
+            let res = random(rows * n, 3);
+            let epilogue = Epilogue {
+                act: Some(Activation::QuickGelu),
+                residual: Some(&res),
+            };
+            let got = matmul(&xs, rows, &packed, epilogue);
+            let want = reference(&xs, &w, &b, rows, n, k);
+            for ((g, w), r) in got.iter().zip(&want).zip(&res) {
+                let w = activation_value(Activation::QuickGelu, *w) + r;
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "({rows}, {n}, {k}): got {g}, want {w}"
+                );
+            }
+        }
+        if !amx::usable() {
+            eprintln!("only the vdpbf16ps kernel ran: this CPU or kernel offers no AMX");
         }
     }
 

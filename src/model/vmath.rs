@@ -1,14 +1,15 @@
 //! Row-wise maths of the inference kernels (the attention softmax, the QuickGELU epilogue of
-//! linear layers) on AVX2 with FMA: `exp` as a branch-free polynomial the compiler turns into
-//! 8-lane vector code, sums and maxima kept in 8 partial lanes. CPUs without AVX2 and FMA
-//! keep the scalar code of [`super::nn::activation_value`] and `f32::exp`.
+//! linear layers) on AVX-512 or AVX2 with FMA: `exp` as a branch-free polynomial the compiler
+//! turns into 16- or 8-lane vector code, sums and maxima kept in 8 partial lanes (the same
+//! summation order on both, so both give the same bits). CPUs with neither keep the scalar
+//! code of [`super::nn::activation_value`] and `f32::exp`.
 //!
 //! The polynomial `exp` is within 2 ulp of the correctly rounded value over the f32 range
 //! (Cody-Waite reduction by ln 2, a degree-6 minimax polynomial on [-ln2/2, ln2/2]).
 
 #![expect(
     unsafe_code,
-    reason = "AVX2 code paths are target_feature functions, called after a CPU check"
+    reason = "vector code paths are target_feature functions, called after a CPU check"
 )]
 
 use super::config::Activation;
@@ -63,24 +64,36 @@ fn pow2(e: f32) -> f32 {
     f32::from_bits(bits << 23)
 }
 
-/// Whether the vector paths may run.
-fn vectorised() -> bool {
+/// The widest vector path the running CPU can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+fn path() -> Path {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            return Path::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Path::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Path::Scalar
 }
 
 /// QuickGELU in place: `x · sigmoid(1.702 x)`.
 pub fn quick_gelu(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if vectorised() {
+    match path() {
+        // SAFETY: the CPU has AVX-512F and FMA.
+        Path::Avx512 => return unsafe { avx512::quick_gelu(xs) },
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::quick_gelu(xs) };
+        Path::Avx2 => return unsafe { avx2::quick_gelu(xs) },
+        Path::Scalar => {}
     }
     xs.iter_mut()
         .for_each(|x| *x = activation_value(Activation::QuickGelu, *x));
@@ -90,9 +103,12 @@ pub fn quick_gelu(xs: &mut [f32]) {
 /// `exp(x - max) / sum`.
 pub fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
-    if vectorised() {
+    match path() {
+        // SAFETY: the CPU has AVX-512F and FMA.
+        Path::Avx512 => return unsafe { avx512::softmax(row, mask) },
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::softmax(row, mask) };
+        Path::Avx2 => return unsafe { avx2::softmax(row, mask) },
+        Path::Scalar => {}
     }
     softmax_scalar(row, mask);
 }
@@ -170,6 +186,23 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    /// # Safety
+    /// The CPU has AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn quick_gelu(xs: &mut [f32]) {
+        super::quick_gelu_body(xs);
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
+        super::softmax_body(row, mask);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,9 +261,17 @@ mod tests {
             let mask: Vec<f32> = (0..len)
                 .map(|i| if i % 5 == 3 { -10000.0 } else { 0.0 })
                 .collect();
-            let (mut got, mut want) = (row.clone(), row);
+            let (mut got, mut want) = (row.clone(), row.clone());
             softmax(&mut got, Some(&mask));
             softmax_scalar(&mut want, Some(&mask));
+            #[cfg(target_arch = "x86_64")]
+            if path() == Path::Avx512 {
+                let mut narrow = row;
+                assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+                // SAFETY: the CPU has AVX2 and FMA, asserted above.
+                unsafe { avx2::softmax(&mut narrow, Some(&mask)) };
+                assert_eq!(got, narrow, "both vector widths give the same bits");
+            }
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-6, "len {len}: got {g}, want {w}");
             }
