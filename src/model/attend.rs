@@ -10,8 +10,8 @@
 //!
 //! TODO(attention-speed): the two products run in f32 on the `gemm` crate in both
 //! precisions. With linear layers on the AMX tile unit (bf16), they take about 21 % of a
-//! ViT-B/16 forward and the softmax 13 %, which is why bf16 gains 2.5× at batch 1 but under
-//! 2× at batch 8 and for the rerank. Rounding each head's queries, keys, probabilities and
+//! ViT-B/16 forward at batch 1 and the softmax 13 %, which keeps bf16 near 2× f32 rather
+//! than far above it. Rounding each head's queries, keys, probabilities and
 //! values to bf16 and running both products on the tile unit (keys and values packed like
 //! weight panels, the key count padded to 32) is the next step; in f32, packing each head's
 //! keys and values for the linear kernel and fusing the softmax into the score tiles.

@@ -22,7 +22,8 @@
 
 #![expect(
     unsafe_code,
-    reason = "AVX-512 intrinsics need target_feature functions and raw-pointer loads"
+    reason = "AVX-512 intrinsics need target_feature functions and raw-pointer loads; AMX \
+              needs inline assembly and a system call"
 )]
 
 use rayon::prelude::*;
@@ -165,8 +166,19 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
     out
 }
 
+/// Decides once per process whether the AMX tile unit can be used, asking the kernel for the
+/// tile state if the CPU has AMX, and logs the outcome (`info` when it is used, `warn` with
+/// the error when the kernel refuses). Later calls do nothing. Call it at model load, before
+/// other threads start: the kernel refuses the request (`ENOSPC`) while any thread's
+/// alternate signal stack is too small for the tile state, and a seccomp filter that kills
+/// on `arch_prctl` would end the process here rather than mid-request.
+pub fn prepare_tile_unit() {
+    amx::usable();
+}
+
 /// Whether [`matmul`] runs `w` on the AMX tile unit: the CPU and kernel allow it and the
-/// input width is a whole number of 32-input tile steps.
+/// input width is a whole number of 32-input tile steps. The first call in a process makes
+/// the decision of [`prepare_tile_unit`] if nothing made it yet.
 pub fn uses_amx(w: &PackedBf16) -> bool {
     w.in_dim.is_multiple_of(amx::INPUTS) && amx::usable()
 }
@@ -268,7 +280,22 @@ mod amx {
     /// instruction faults). Decided once per process.
     pub(super) fn usable() -> bool {
         static USABLE: OnceLock<bool> = OnceLock::new();
-        *USABLE.get_or_init(|| cpu_has_amx() && request_tile_state())
+        *USABLE.get_or_init(|| {
+            if !cpu_has_amx() {
+                tracing::debug!("no AMX on this CPU; bf16 layers run on vdpbf16ps");
+                return false;
+            }
+            match request_tile_state() {
+                Ok(()) => {
+                    tracing::info!("bf16 linear layers run on the AMX tile unit");
+                    true
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "AMX tile state refused; bf16 layers run on vdpbf16ps");
+                    false
+                }
+            }
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -285,9 +312,9 @@ mod amx {
     }
 
     /// Asks Linux for permission to use the tile data state (`ARCH_REQ_XCOMP_PERM` for
-    /// `XFEATURE_XTILEDATA`). False on refusal or on another system.
+    /// `XFEATURE_XTILEDATA`). Errors: the kernel's refusal, or `Unsupported` elsewhere.
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    fn request_tile_state() -> bool {
+    fn request_tile_state() -> std::io::Result<()> {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: arch_prctl with this request only changes which state components the
@@ -299,12 +326,16 @@ mod amx {
                 XFEATURE_XTILEDATA,
             )
         };
-        rc == 0
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    fn request_tile_state() -> bool {
-        false
+    fn request_tile_state() -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
     }
 
     /// The output block of one [`product`], row-major with [`NR`] columns.
@@ -339,10 +370,9 @@ mod amx {
     pub(super) unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
         let pairs = w.pairs();
         let (row_end, col_end) = (block.rows.end, block.cols.end);
-        let config = Config::new();
         let mut tile = Tile([0f32; ROWS * NR]);
         // SAFETY: the CPU supports AMX and the process holds the tile state (caller).
-        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack)) };
+        let _tiles = unsafe { Configured::new(&Config::new()) };
         for col in block.cols.clone().step_by(NR) {
             let panel = &w.panels[(col / NR) * pairs * NR * 2..][..pairs * NR * 2];
             for row in block.rows.clone().step_by(ROWS) {
@@ -359,8 +389,34 @@ mod amx {
                 unsafe { sink.write(&tile.0, NR, &out) };
             }
         }
-        // SAFETY: returns the tiles to their initial state; nothing reads them afterwards.
-        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// Tiles configured on this thread until dropped, which releases them, on a panic too:
+    /// a thread left with configured tiles makes every context switch save 8 KiB more.
+    struct Configured;
+
+    impl Configured {
+        /// # Safety
+        /// The CPU supports AMX and the process holds the tile state.
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn new(config: &Config) -> Self {
+            // SAFETY: forwarded from the caller; the configuration is 64 valid bytes.
+            unsafe {
+                std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack))
+            };
+            Self
+        }
+    }
+
+    impl Drop for Configured {
+        fn drop(&mut self) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: tiles were configured by `new` on this thread (a guard never moves to
+            // another thread inside `run_block`); releasing them touches no memory.
+            unsafe {
+                std::arch::asm!("tilerelease", options(nostack, nomem))
+            };
+        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]

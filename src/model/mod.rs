@@ -78,10 +78,14 @@ fn precision(device: &Device, dtype: DType) -> Result<Precision> {
         });
     }
     match dtype {
-        DType::BF16 if bf16::available() => Ok(Precision {
-            load: DType::F32,
-            packing: Some(Packing::Bf16),
-        }),
+        DType::BF16 if bf16::available() => {
+            // Decided (and logged) now rather than at the first layer.
+            bf16::prepare_tile_unit();
+            Ok(Precision {
+                load: DType::F32,
+                packing: Some(Packing::Bf16),
+            })
+        }
         DType::BF16 => Err(refuse(
             "this CPU lacks the avx512_bf16 instructions the bf16 kernel needs; use f32",
         )),

@@ -653,6 +653,27 @@ mod tests {
     }
 
     #[test]
+    fn rows_split_into_the_fewest_even_tasks_of_whole_tiles() {
+        for mr in [6, 12] {
+            for rows in 1..3000 {
+                let per_task = task_rows(rows, mr);
+                assert!(
+                    per_task.is_multiple_of(mr) && per_task <= TASK_ROWS,
+                    "{rows}, {mr}"
+                );
+                let tasks = rows.div_ceil(per_task);
+                assert_eq!(
+                    tasks,
+                    rows.div_ceil(TASK_ROWS),
+                    "{rows} rows, {mr}-row tiles"
+                );
+                assert!(rows > (tasks - 1) * per_task, "the last task has rows");
+            }
+        }
+        assert_eq!(task_rows(577, 12), 120);
+    }
+
+    #[test]
     fn unpack_restores_the_weight() {
         for isa in [Isa::Avx2, Isa::Avx512] {
             let w = random(37 * 11, 11);

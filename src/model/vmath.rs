@@ -243,7 +243,21 @@ mod tests {
             .iter()
             .map(|&x| activation_value(Activation::QuickGelu, x))
             .collect();
+        let input = xs.clone();
         quick_gelu(&mut xs);
+        #[cfg(target_arch = "x86_64")]
+        if path() == Path::Avx512 {
+            let mut narrow = input;
+            assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+            // SAFETY: the CPU has AVX2 and FMA, asserted above.
+            unsafe { avx2::quick_gelu(&mut narrow) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&xs),
+                bits(&narrow),
+                "both vector widths give the same bits"
+            );
+        }
         for (g, w) in xs.iter().zip(&want) {
             assert!(
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
