@@ -602,23 +602,8 @@ mod tests {
             (5, 31, 768),
             (300, 161, 64),
         ] {
-            let (xs, w, b) = operands((rows, n, k), 2);
-            let packed = PackedBf16::pack(&w, n, k, Some(b.clone()));
+            let packed = assert_activation_and_residual((rows, n, k), (2, 3));
             assert_eq!(uses_amx(&packed), amx::usable());
-            let res = random(rows * n, 3);
-            let epilogue = Epilogue {
-                act: Some(Activation::QuickGelu),
-                residual: Some(&res),
-            };
-            let got = matmul(&xs, rows, &packed, epilogue);
-            let want = reference(&xs, &w, &b, rows, n, k);
-            for ((g, w), r) in got.iter().zip(&want).zip(&res) {
-                let w = activation_value(Activation::QuickGelu, *w) + r;
-                assert!(
-                    (g - w).abs() < 1e-4,
-                    "({rows}, {n}, {k}): got {g}, want {w}"
-                );
-            }
         }
         if !amx::usable() {
             eprintln!("only the vdpbf16ps kernel ran: this CPU or kernel offers no AMX");
@@ -631,9 +616,17 @@ mod tests {
             eprintln!("skipped: this CPU has no avx512_bf16");
             return;
         }
-        let (rows, n, k) = (10, 35, 17);
-        let (xs, w, b) = operands((rows, n, k), 4);
-        let res = random(rows * n, 7);
+        assert_activation_and_residual((10, 35, 17), (4, 7));
+    }
+
+    /// Checks `matmul` with bias, QuickGELU and a residual against the f64 reference, for
+    /// operands and residual drawn from `seeds`; returns the packed weight.
+    fn assert_activation_and_residual(
+        (rows, n, k): (usize, usize, usize),
+        seeds: (u64, u64),
+    ) -> PackedBf16 {
+        let (xs, w, b) = operands((rows, n, k), seeds.0);
+        let res = random(rows * n, seeds.1);
         let packed = PackedBf16::pack(&w, n, k, Some(b.clone()));
         let epilogue = Epilogue {
             act: Some(Activation::QuickGelu),
@@ -643,8 +636,12 @@ mod tests {
         let want = reference(&xs, &w, &b, rows, n, k);
         for ((g, w), r) in got.iter().zip(&want).zip(&res) {
             let w = activation_value(Activation::QuickGelu, *w) + r;
-            assert!((g - w).abs() < 1e-4, "got {g}, want {w}");
+            assert!(
+                (g - w).abs() < 1e-4,
+                "({rows}, {n}, {k}): got {g}, want {w}"
+            );
         }
+        packed
     }
 
     #[cfg(target_arch = "x86_64")]

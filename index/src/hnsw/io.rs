@@ -195,32 +195,27 @@ impl Hashing<File> {
         let mapped = match placement {
             Placement::MappedLocked => {
                 Region::<T>::map_file(&self.inner, self.read, (len, spare), true)
+                    .inspect_err(|error| {
+                        tracing::info!(%error, "reading a dump array instead of mapping it");
+                    })
+                    .ok()
             }
-            Placement::Read => Err(std::io::Error::other("reading was asked for")),
+            Placement::Read => None,
         };
-        match mapped {
-            Ok(values) => {
-                let raw = bytes(&values[..len]);
-                raw.chunks(READ_CHUNK)
-                    .for_each(|chunk| self.sum.update(chunk));
-                self.read += raw.len() as u64;
-                let actual = self.inner.metadata().map_err(|e| e.to_string())?.len();
-                if self.read != file_len || actual != file_len {
-                    return Err(format!("file is not {file_len} bytes long"));
-                }
-                Ok((values, self.sum.hex()))
-            }
-            Err(error) if placement == Placement::Read => {
-                tracing::debug!(%error, "reading a dump array into memory");
-                let values = self.array(len, spare)?;
-                Ok((values, self.finish(file_len)?))
-            }
-            Err(error) => {
-                tracing::info!(%error, "reading a dump array into memory instead of mapping it");
-                let values = self.array(len, spare)?;
-                Ok((values, self.finish(file_len)?))
-            }
+        let Some(values) = mapped else {
+            let values = self.array(len, spare)?;
+            return Ok((values, self.finish(file_len)?));
+        };
+
+        let raw = bytes(&values[..len]);
+        raw.chunks(READ_CHUNK)
+            .for_each(|chunk| self.sum.update(chunk));
+        self.read += raw.len() as u64;
+        let actual = self.inner.metadata().map_err(|e| e.to_string())?.len();
+        if self.read != file_len || actual != file_len {
+            return Err(format!("file is not {file_len} bytes long"));
         }
+        Ok((values, self.sum.hex()))
     }
 }
 
@@ -230,6 +225,13 @@ pub(crate) enum Placement {
     /// Mapped from the file and locked in memory, or read where either is refused.
     MappedLocked,
     /// Read into anonymous memory.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the product reads only as the fallback of a refused map"
+        )
+    )]
     Read,
 }
 
