@@ -85,6 +85,14 @@ impl Context {
         fresh
     }
 
+    /// Requests the visit stamp of `node` ahead of [`Context::visit`].
+    #[inline]
+    fn prefetch_stamp(&self, node: u32) {
+        if let Some(stamp) = self.stamps.get(node as usize..=node as usize) {
+            prefetch(stamp, 1);
+        }
+    }
+
     /// Drains the results into `sorted`, nearest first.
     pub fn sort_results(&mut self) {
         self.sorted.clear();
@@ -210,6 +218,7 @@ impl Hnsw {
             if current.dist > bound && (full || accept.is_none()) {
                 break;
             }
+            self.prefetch_next_list(context, level);
             self.expand(context, current.node, level);
             let fresh = std::mem::take(&mut context.fresh);
             for (i, &node) in fresh.iter().enumerate() {
@@ -219,9 +228,7 @@ impl Hnsw {
                     continue;
                 }
                 context.candidates.push(Reverse(Scored { dist, node }));
-                if let Some(Reverse(next)) = context.candidates.peek() {
-                    prefetch(self.links(next.node, level), 1);
-                }
+                self.prefetch_next_list(context, level);
                 if accepted(node) {
                     context.results.push(Scored { dist, node });
                     if context.results.len() > ef {
@@ -243,12 +250,24 @@ impl Hnsw {
         links.clear();
         self.read_links(node, level, &mut links);
         for &id in &links {
+            context.prefetch_stamp(id);
+        }
+        for &id in &links {
             if context.visit(id) {
                 context.fresh.push(id);
             }
         }
         self.prefetch_first(&context.fresh);
         context.neighbours = links;
+    }
+
+    /// Requests the whole neighbour list on `level` of the candidate that will be expanded
+    /// next, so that its expansion does not wait for memory; called when a candidate is taken
+    /// and whenever a push may have changed the top of the heap.
+    fn prefetch_next_list(&self, context: &Context, level: usize) {
+        if let Some(Reverse(next)) = context.candidates.peek() {
+            prefetch(self.links(next.node, level), usize::MAX);
+        }
     }
 
     /// Requests the vectors of the first [`PREFETCH_AHEAD`] of `nodes`, before they are
