@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::graph::{DumpDir, Graph, LoadedDump, Owner};
+use crate::search::MAX_EF;
 use crate::slots::{Postings, SlotInfo, SlotTable};
 use crate::store::{item_digest, next_lineage, ItemWrite, Record, Store, WriteBatch};
 use crate::types::{GraphOrigin, HnswParams, Item, ItemKind, Settings, Stats, UpsertOutcome};
@@ -71,6 +72,11 @@ pub(crate) struct Inner {
     /// Live-set digest and lineage of the last committed batch; changed only under the
     /// writer lock.
     pub history: Mutex<History>,
+    /// Vectors of the versions that the last write batch replaced, by their slot. While a
+    /// replacement is committed the store already holds the new version but the slot table
+    /// still the old one, so an exact scan scores the old version from here; refilled by
+    /// each batch under the writer lock.
+    pub superseded: RwLock<HashMap<u64, Vec<f32>>>,
     /// Set when a batch could not be committed: the store may or may not hold it, so the
     /// collection refuses further writes until it is reopened.
     pub write_failed: AtomicBool,
@@ -96,10 +102,10 @@ fn check_settings(settings: &Settings) -> Result<()> {
         ("max_connections", (2..=255).contains(&m), "2..=255"),
         (
             "ef_construction",
-            ef_construction >= m,
-            "at least max_connections",
+            (m..=MAX_EF).contains(&ef_construction),
+            "max_connections..=100000",
         ),
-        ("ef_search", ef_search >= 1, "at least 1"),
+        ("ef_search", (1..=MAX_EF).contains(&ef_search), "1..=100000"),
         (
             "compact_tombstone_ratio",
             ratio > 0.0 && ratio <= 1.0,
@@ -133,9 +139,10 @@ impl Collection {
     ///
     /// Errors: [`Error::InvalidArgument`] for out-of-range settings,
     /// [`Error::SettingsMismatch`] when the collection exists with another dimension, metric
-    /// or model id, [`Error::Storage`] when the directory or database cannot be used. A
-    /// missing or damaged graph dump is not an error: the graph is rebuilt
-    /// ([`GraphOrigin::Rebuilt`]).
+    /// or model id, [`Error::Storage`] when the directory or database cannot be used, or when
+    /// the database holds fewer writes than the graph dump beside it (it lost writes it had
+    /// acknowledged; the dump is kept). A missing or damaged graph dump is not an error: the
+    /// graph is rebuilt ([`GraphOrigin::Rebuilt`]).
     pub fn open(dir: &Path, settings: Settings) -> Result<Self> {
         check_settings(&settings)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::storage(dir, e))?;
@@ -145,6 +152,9 @@ impl Collection {
         let store = store?;
         store.reconcile_settings(&settings)?;
         let epoch = store.epoch()?;
+        if let Ok(dump) = &dump {
+            refuse_store_behind_dump(dir, &store, dump, epoch)?;
+        }
         let next_slot = store.next_slot()?;
 
         let tables = Tables {
@@ -201,6 +211,7 @@ impl Collection {
             closing: AtomicBool::new(false),
             history: Mutex::new(history),
             write_failed: AtomicBool::new(false),
+            superseded: RwLock::new(HashMap::new()),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -390,6 +401,33 @@ fn open_with_dump(
         return (store, load());
     }
     (store, dump)
+}
+
+/// Refuses to open a store that holds fewer writes than a graph dump taken from it: the dump
+/// of the same collection reflects a later write epoch, or the store holds no writes at all
+/// while the directory holds a dump of some. A dump only ever reflects writes the store had
+/// made durable, so either way the store lost writes it acknowledged (damaged, or replaced by
+/// an older copy). Opening would serve the older state and the next dump would delete the
+/// newer one, which still holds the lost vectors.
+fn refuse_store_behind_dump(
+    dir: &Path,
+    store: &Store,
+    dump: &LoadedDump,
+    epoch: u64,
+) -> Result<()> {
+    let same_collection = dump.collection == store.collection_id();
+    if dump.epoch <= epoch || !(same_collection || epoch == 0) {
+        return Ok(());
+    }
+    let reason = format!(
+        "the store is at write epoch {epoch} but the graph dump in {} reflects epoch {} of \
+         collection {}: the store has lost acknowledged writes (damaged, or replaced by an \
+         older copy); restore it, or remove the graph directory to open the store as it is",
+        dir.join(crate::graph::GRAPH_DIR).display(),
+        dump.epoch,
+        dump.collection,
+    );
+    Err(Error::storage(dir.join(crate::store::SLED_DIR), reason))
 }
 
 /// What an open starts from: the graph, where it came from, the highest slot in use and the
@@ -685,9 +723,9 @@ impl Inner {
 
     /// Commits `batch` while the new vectors go into the graph, so that the graph insertion
     /// runs during the store's write and flush instead of after them. The items are published
-    /// (see [`Inner::publish`]) as soon as the commit is durable, possibly before their nodes
-    /// are in the graph: until then only an exact scan finds them. When the commit fails they
-    /// are never published; their nodes count as tombstones and leave with the next
+    /// (see [`Inner::publish`]) once both are done: a replaced id keeps its old version in
+    /// graph searches until the new one is durable and in the graph. When the commit fails
+    /// they are never published; their nodes count as tombstones and leave with the next
     /// compaction, and the collection refuses further writes. Caller holds the writer lock.
     fn commit_and_insert(
         &self,
@@ -705,19 +743,39 @@ impl Inner {
             .map(|a| ((a.vector, a.slot), (a.slot, a.info, a.previous)))
             .unzip();
         let nodes: Vec<(&[f32], u64)> = vectors.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
+        self.keep_superseded(&entries)?;
 
         std::thread::scope(|scope| {
-            let commit = scope.spawn(move || {
-                self.store.commit(batch, epoch)?;
-                self.publish(entries);
-                Ok(())
-            });
+            let commit = scope.spawn(move || self.store.commit(batch, epoch));
             graph.insert(&nodes);
             commit
                 .join()
                 .unwrap_or_else(|_| Err(Error::storage(&self.dir, "the store commit panicked")))
         })
-        .map_err(|e| self.failed_write(e))
+        .map_err(|e| self.failed_write(e))?;
+
+        self.publish(entries);
+        Ok(())
+    }
+
+    /// Replaces [`Inner::superseded`] with the stored vectors of the versions `entries`
+    /// replace, read before the batch that replaces them is committed. Caller holds the
+    /// writer lock.
+    fn keep_superseded(&self, entries: &[(u64, SlotInfo, Option<Record>)]) -> Result<()> {
+        let dimension = self.settings.dimension;
+        let mut kept = HashMap::new();
+        for (_, info, previous) in entries {
+            let Some(previous) = previous else {
+                continue;
+            };
+            let stored = self.store.entry(&info.id, dimension)?;
+            let vector = stored.filter(|(record, _)| record.slot == previous.slot);
+            if let Some(vector) = vector.and_then(|(_, vector)| vector) {
+                kept.insert(previous.slot, vector);
+            }
+        }
+        *self.superseded.write() = kept;
+        Ok(())
     }
 
     /// The history after a batch of write `epoch` that leaves `digest` as the live-set

@@ -1,6 +1,7 @@
 //! Search planning: graph walk, filtered graph walk, or exact scan of the matching items.
 
 use std::cmp::Ordering as CmpOrdering;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::collection::{Collection, Inner};
 use crate::error::{Error, Result};
-use crate::slots::SlotView;
+use crate::slots::{SlotInfo, SlotView};
 use crate::types::{Filter, Hit, ItemKind, Metric, SearchRequest};
 use crate::vector;
 
@@ -207,14 +208,14 @@ impl Inner {
                 return Ok(None);
             }
             // The store holds only the newest version of an id: while a replacement is being
-            // committed the old slot is still live, so its entry may already be the new one.
+            // committed the old slot is still live, so its entry may already be the new one;
+            // the old version's vector is then kept aside until the next batch.
             let stored = self.store.entry(&info.id, self.settings.dimension)?;
-            let current = stored.filter(|(record, _)| record.slot == *slot);
-            let live = view.live(*slot as usize).is_some();
-            Ok(current
-                .and_then(|(_, v)| v)
-                .filter(|_| live)
-                .map(|v| (vector::dot(query, &v), *slot)))
+            let vector = match stored {
+                Some((record, vector)) if record.slot == *slot => vector,
+                _ => self.superseded.read().get(slot).cloned(),
+            };
+            Ok(vector.map(|v| (vector::dot(query, &v), *slot)))
         };
         let scored: Result<Vec<Option<(f32, u64)>>> = if candidates.len() >= PARALLEL_SCAN_MIN {
             candidates.par_iter().map(score).collect()
@@ -231,17 +232,28 @@ impl Inner {
         Ok(scored)
     }
 
+    /// Hits for scored slots, best first. A search that overlaps the commit of a replacement
+    /// can score both versions of an id; only the newer one (the higher slot) is reported.
     fn hits(&self, view: &SlotView, scored: Vec<(f32, u64)>, scale: f32) -> Vec<Hit> {
-        scored
+        let found: Vec<(f32, u64, &SlotInfo)> = scored
             .into_iter()
             .filter_map(|(similarity, slot)| {
-                let info = view.live(slot as usize)?;
-                Some(Hit {
-                    id: info.id.clone(),
-                    kind: info.kind,
-                    score: similarity * scale,
-                    metadata: info.metadata.clone(),
-                })
+                Some((similarity, slot, view.published(slot as usize)?))
+            })
+            .collect();
+        let mut newest: HashMap<&str, u64> = HashMap::with_capacity(found.len());
+        for (_, slot, info) in &found {
+            let kept = newest.entry(info.id.as_str()).or_insert(*slot);
+            *kept = (*kept).max(*slot);
+        }
+        found
+            .into_iter()
+            .filter(|(_, slot, info)| newest.get(info.id.as_str()) == Some(slot))
+            .map(|(similarity, _, info)| Hit {
+                id: info.id.clone(),
+                kind: info.kind,
+                score: similarity * scale,
+                metadata: info.metadata.clone(),
             })
             .collect()
     }

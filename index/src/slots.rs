@@ -39,13 +39,18 @@ type Chunks = Arc<Vec<Arc<[Cell]>>>;
 /// Growable table of slot cells.
 #[derive(Default)]
 pub(crate) struct SlotTable {
-    chunks: RwLock<Chunks>,
+    chunks: Arc<RwLock<Chunks>>,
 }
 
-/// A snapshot of the chunk list; cells stay shared, so later tombstones are visible.
+/// A snapshot of the chunk list; cells stay shared, so later tombstones are visible. A slot
+/// past the snapshot (published in a chunk added since) is looked up in the table's chunk
+/// list as it is at the first such lookup, so that a search that sees the old version of a
+/// replaced item tombstoned also sees the new one.
 #[derive(Clone)]
 pub(crate) struct SlotView {
     chunks: Chunks,
+    table: Arc<RwLock<Chunks>>,
+    later: OnceLock<Chunks>,
 }
 
 fn new_chunk() -> Arc<[Cell]> {
@@ -57,6 +62,8 @@ impl SlotTable {
     pub fn view(&self) -> SlotView {
         SlotView {
             chunks: Arc::clone(&self.chunks.read()),
+            table: Arc::clone(&self.chunks),
+            later: OnceLock::new(),
         }
     }
 
@@ -87,9 +94,13 @@ impl SlotTable {
 
 impl SlotView {
     fn cell(&self, slot: usize) -> Option<&Cell> {
-        self.chunks
-            .get(slot / CHUNK)
-            .map(|chunk| &chunk[slot % CHUNK])
+        let chunk = slot / CHUNK;
+        let chunks = if chunk < self.chunks.len() {
+            &self.chunks
+        } else {
+            self.later.get_or_init(|| Arc::clone(&self.table.read()))
+        };
+        chunks.get(chunk).map(|chunk| &chunk[slot % CHUNK])
     }
 
     /// The item at `slot` when it is published and not tombstoned.
@@ -105,6 +116,12 @@ impl SlotView {
     /// Number of slots the view covers (live or not).
     pub fn capacity(&self) -> usize {
         self.chunks.len() * CHUNK
+    }
+
+    /// The item published at `slot`, tombstoned or not: a search reports what it scored
+    /// even when a write replaced or deleted it meanwhile.
+    pub fn published(&self, slot: usize) -> Option<&SlotInfo> {
+        self.cell(slot)?.info.get()
     }
 
     /// Every live slot with its item, in slot order.

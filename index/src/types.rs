@@ -10,8 +10,9 @@ pub enum Metric {
     /// Cosine similarity. Vectors are normalised to unit length on upsert and on search, so
     /// scores lie in `[-1, 1]`.
     Cosine,
-    /// Inner product. Stored vectors must have a norm of at most one (they are kept as given);
-    /// the score is the raw inner product of the query and the stored vector.
+    /// Inner product. Stored vectors must have a norm of at most one, with a rounding
+    /// allowance of 1e-3 (they are kept as given); the score is the raw inner product of the
+    /// query and the stored vector.
     InnerProduct,
 }
 
@@ -34,10 +35,11 @@ pub struct HnswParams {
     /// Neighbours kept per node on the upper layers (twice this on the base layer), 2..=255.
     /// Default 24.
     pub max_connections: usize,
-    /// Width of the candidate list while inserting; at least `max_connections`. Default 200.
+    /// Width of the candidate list while inserting, `max_connections..=`[`crate::MAX_EF`].
+    /// Default 200.
     pub ef_construction: usize,
-    /// Width of the candidate list while searching when a request gives none; raised to `k`
-    /// when smaller. Default 512, chosen so that recall@10 stays at or above 0.95 even on
+    /// Width of the candidate list while searching when a request gives none, 1..=
+    /// [`crate::MAX_EF`]; raised to `k` when smaller. Default 512, chosen so that recall@10 stays at or above 0.95 even on
     /// unstructured random 256-d data; embeddings of real content reach that recall with a
     /// much smaller value, which makes searches proportionally faster.
     pub ef_search: usize,

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{hash_of, ids, item, open, request, settings, unit_vectors};
-use mplug_index::{Collection, Error, Filter, GraphOrigin, ItemKind, UpsertOutcome};
+use mplug_index::{
+    Collection, Error, Filter, GraphOrigin, ItemKind, Settings, UpsertOutcome, MAX_EF,
+};
 
 const DIM: usize = 32;
 
@@ -110,6 +112,31 @@ fn invalid_input_is_an_error_not_a_panic() {
         0,
         "rejected batches write nothing"
     );
+}
+
+/// A setting's name and a change that puts it out of range.
+type OutOfRange = (&'static str, fn(&mut Settings));
+
+#[test]
+fn out_of_range_graph_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [OutOfRange; 4] = [
+        ("max_connections", |s| s.hnsw.max_connections = 1),
+        ("ef_construction", |s| s.hnsw.ef_construction = 4),
+        ("ef_construction", |s| s.hnsw.ef_construction = MAX_EF + 1),
+        ("ef_search", |s| s.hnsw.ef_search = MAX_EF + 1),
+    ];
+    for (field, change) in cases {
+        let mut wrong = settings(DIM);
+        change(&mut wrong);
+        let result = Collection::open(dir.path(), wrong);
+        assert!(
+            matches!(&result, Err(Error::InvalidArgument { field: f, .. }) if *f == field),
+            "{field}: {:?}",
+            result.err()
+        );
+    }
+    open(dir.path(), DIM).close().unwrap();
 }
 
 #[test]
@@ -328,4 +355,49 @@ fn searches_run_while_one_writer_upserts() {
         reader.join().unwrap();
     }
     assert_eq!(collection.stats().unwrap().images, 2_000);
+}
+
+#[test]
+fn a_replaced_item_stays_visible_to_graph_searches_while_it_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let collection = open(dir.path(), 16);
+    let vectors = unit_vectors(300, 16, 21);
+    let id = |i: usize| format!("r{i}");
+    let items = (0..300).map(|i| item(&id(i), vectors[i].clone()));
+    collection.upsert(items.collect()).unwrap();
+
+    let stop = AtomicBool::new(false);
+    let (searched, missed) = std::thread::scope(|scope| {
+        let searcher = scope.spawn(|| {
+            let (mut searched, mut missed) = (0usize, Vec::new());
+            for i in (0..).map(|n| n % 300) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let found = ids(&collection, &request(&vectors[i], 3));
+                if found.iter().filter(|f| **f == id(i)).count() != 1 {
+                    missed.push((id(i), found));
+                }
+                searched += 1;
+            }
+            (searched, missed)
+        });
+        for version in 1..150u32 {
+            let batch = (0..300).filter(|i| i % 3 == version as usize % 3).map(|i| {
+                let mut rewritten = item(&id(i), vectors[i].clone());
+                rewritten.content_hash = hash_of(&id(i), version);
+                rewritten
+            });
+            collection.upsert(batch.collect()).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        searcher.join().unwrap()
+    });
+    assert!(searched > 1000, "only {searched} searches ran");
+    assert!(
+        missed.is_empty(),
+        "{} of {searched}: {:?}",
+        missed.len(),
+        &missed[..1]
+    );
 }

@@ -1,13 +1,14 @@
 //! The graph dump is a cache: a damaged, missing or stale dump makes open rebuild the graph
-//! from the stored items, never fail.
+//! from the stored items, never fail. A store that holds fewer writes than its dump is
+//! refused instead, keeping the dump.
 
 mod common;
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use common::{ids, item, open, request, unit_vectors};
-use mplug_index::GraphOrigin;
+use common::{ids, item, open, request, settings, unit_vectors};
+use mplug_index::{Collection, Error, GraphOrigin};
 
 const DIM: usize = 24;
 const COUNT: usize = 1_500;
@@ -151,6 +152,52 @@ fn a_dump_of_a_diverged_copy_is_not_reloaded() {
     assert_eq!(ids(&collection, &request(&vectors[2], 1)), vec!["2"]);
     assert_eq!(ids(&collection, &request(&extra[0], 1)), vec!["new"]);
     assert!(!ids(&collection, &request(&vectors[1], 5)).contains(&"1".to_string()));
+}
+
+/// Opens `dir` expecting the refusal of a store that lost acknowledged writes; the dump that
+/// still holds them must survive the attempt.
+fn assert_refused_as_behind(dir: &Path) {
+    let Err(error) = Collection::open(dir, settings(DIM)) else {
+        panic!("a store behind its dump was opened");
+    };
+    assert!(matches!(error, Error::Storage { .. }), "{error}");
+    assert!(
+        error.to_string().contains("lost acknowledged writes"),
+        "{error}"
+    );
+    assert!(dir.join("graph").join("CURRENT").exists());
+}
+
+#[test]
+fn a_store_that_lost_every_write_is_refused_and_its_dump_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    populated(dir.path());
+    fs::remove_dir_all(dir.path().join("items.sled")).unwrap();
+
+    assert_refused_as_behind(dir.path());
+    assert_refused_as_behind(dir.path());
+
+    fs::remove_dir_all(dir.path().join("graph")).unwrap();
+    let collection = open(dir.path(), DIM);
+    assert_eq!(collection.graph_origin(), GraphOrigin::Empty);
+}
+
+#[test]
+fn a_store_older_than_its_dump_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = populated(dir.path());
+    let backup = tempfile::tempdir().unwrap();
+    copy_into(&dir.path().join("items.sled"), backup.path());
+    let collection = open(dir.path(), DIM);
+    collection.delete("5").unwrap();
+    collection.close().unwrap();
+    fs::remove_dir_all(dir.path().join("items.sled")).unwrap();
+    copy_into(&backup.path().join("items.sled"), dir.path());
+
+    assert_refused_as_behind(dir.path());
+
+    fs::remove_dir_all(dir.path().join("graph")).unwrap();
+    reopen_and_check(dir.path(), &vectors, GraphOrigin::Rebuilt);
 }
 
 #[test]
