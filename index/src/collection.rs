@@ -72,11 +72,11 @@ pub(crate) struct Inner {
     /// Live-set digest and lineage of the last committed batch; changed only under the
     /// writer lock.
     pub history: Mutex<History>,
-    /// Vectors of the versions that the last write batch replaced, by their slot. While a
-    /// replacement is committed the store already holds the new version but the slot table
-    /// still the old one, so an exact scan scores the old version from here; refilled by
-    /// each batch under the writer lock.
-    pub superseded: RwLock<HashMap<u64, Vec<f32>>>,
+    /// Slot and vector of each version that the write batch in flight (or the last one)
+    /// replaces, by id. While a replacement is committed the store already holds the new
+    /// version but the slot table still the old one, so an exact scan scores the old version
+    /// from here; refilled by each batch under the writer lock.
+    pub superseded: RwLock<HashMap<String, (u64, Vec<f32>)>>,
     /// Set when a batch could not be committed: the store may or may not hold it, so the
     /// collection refuses further writes until it is reopened.
     pub write_failed: AtomicBool,
@@ -152,8 +152,8 @@ impl Collection {
         let store = store?;
         store.reconcile_settings(&settings)?;
         let epoch = store.epoch()?;
-        if let Ok(dump) = &dump {
-            refuse_store_behind_dump(dir, &store, dump, epoch)?;
+        if let Some(owner) = dumps.recorded_owner() {
+            refuse_store_behind_dump(dir, &store, owner, epoch)?;
         }
         let next_slot = store.next_slot()?;
 
@@ -403,29 +403,31 @@ fn open_with_dump(
     (store, dump)
 }
 
-/// Refuses to open a store that holds fewer writes than a graph dump taken from it: the dump
-/// of the same collection reflects a later write epoch, or the store holds no writes at all
-/// while the directory holds a dump of some. A dump only ever reflects writes the store had
-/// made durable, so either way the store lost writes it acknowledged (damaged, or replaced by
-/// an older copy). Opening would serve the older state and the next dump would delete the
-/// newer one, which still holds the lost vectors.
+/// Refuses to open a store that holds fewer writes than the graph dump beside it, whose
+/// manifest records `(collection id, epoch)` in `owner`: the dump of the same collection
+/// reflects a later write epoch, or the store holds no writes at all while the directory
+/// holds a dump of some. A dump only ever reflects writes the store had made durable, so
+/// either way the store lost writes it acknowledged (damaged, or replaced by an older copy),
+/// or the directory mixes two collections. Opening would serve the older state and the next
+/// dump would delete the newer one, which still holds the lost vectors. The check reads the
+/// manifest only, so it holds even when the dump cannot be loaded with today's settings.
 fn refuse_store_behind_dump(
     dir: &Path,
     store: &Store,
-    dump: &LoadedDump,
+    (collection, dump_epoch): (String, u64),
     epoch: u64,
 ) -> Result<()> {
-    let same_collection = dump.collection == store.collection_id();
-    if dump.epoch <= epoch || !(same_collection || epoch == 0) {
+    let same_collection = collection == store.collection_id();
+    if dump_epoch <= epoch || !(same_collection || epoch == 0) {
         return Ok(());
     }
     let reason = format!(
-        "the store is at write epoch {epoch} but the graph dump in {} reflects epoch {} of \
-         collection {}: the store has lost acknowledged writes (damaged, or replaced by an \
-         older copy); restore it, or remove the graph directory to open the store as it is",
+        "the store is at write epoch {epoch} but the graph dump in {} reflects epoch \
+         {dump_epoch} of collection {collection}: the store has lost acknowledged writes \
+         (damaged, or replaced by an older copy), or the graph directory belongs to another \
+         collection; restore the store, or remove the graph directory to open the store as it \
+         is",
         dir.join(crate::graph::GRAPH_DIR).display(),
-        dump.epoch,
-        dump.collection,
     );
     Err(Error::storage(dir.join(crate::store::SLED_DIR), reason))
 }
@@ -771,7 +773,7 @@ impl Inner {
             let stored = self.store.entry(&info.id, dimension)?;
             let vector = stored.filter(|(record, _)| record.slot == previous.slot);
             if let Some(vector) = vector.and_then(|(_, vector)| vector) {
-                kept.insert(previous.slot, vector);
+                kept.insert(info.id.clone(), (previous.slot, vector));
             }
         }
         *self.superseded.write() = kept;
@@ -802,15 +804,17 @@ impl Inner {
         error
     }
 
-    /// Makes committed writes visible: tombstones replaced slots and publishes new ones.
+    /// Makes committed writes visible: publishes each new slot, then tombstones the slot it
+    /// replaces.
     fn publish(&self, entries: Vec<(u64, SlotInfo, Option<Record>)>) {
         for (slot, info, previous) in entries {
-            if let Some(previous) = &previous {
-                self.forget(previous);
-            }
             self.postings.add(slot, &info.metadata);
             self.count(info.kind).fetch_add(1, Ordering::Relaxed);
             self.slots.publish(slot, info);
+            // The new version first: a search never finds neither.
+            if let Some(previous) = &previous {
+                self.forget(previous);
+            }
         }
     }
 

@@ -304,6 +304,15 @@ impl DumpDir {
         self.current_name()
     }
 
+    /// Collection id and write epoch that the current dump's manifest records, whether or
+    /// not the dump itself can be loaded with today's settings; `None` when there is no
+    /// current dump or its manifest is unreadable.
+    pub fn recorded_owner(&self) -> Option<(String, u64)> {
+        let dir = self.root.join(self.current_name()?);
+        let manifest = read_manifest(&dir).ok()?;
+        Some((manifest.collection, manifest.epoch))
+    }
+
     /// Loads the current dump (graph and live items) if it has `dimension`, was built with
     /// the graph parameters of `params` and every checksum matches; otherwise returns why
     /// not. The caller compares [`LoadedDump::epoch`] with the store's epoch.

@@ -2,7 +2,7 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -200,22 +200,23 @@ impl Inner {
         candidates: &[u64],
         k: usize,
     ) -> Result<Vec<(f32, u64)>> {
-        let score = |slot: &u64| -> Result<Option<(f32, u64)>> {
-            let Some(info) = view.live(*slot as usize) else {
+        // Set when a candidate is scored as another slot (its newer version), which the
+        // candidates may hold as well.
+        let moved = AtomicBool::new(false);
+        let score = |candidate: &u64| -> Result<Option<(f32, u64)>> {
+            let Some((slot, vector)) = self.current_version(view, *candidate)? else {
+                return Ok(None);
+            };
+            if slot != *candidate {
+                moved.store(true, Ordering::Relaxed);
+            }
+            let Some(info) = view.published(slot as usize) else {
                 return Ok(None);
             };
             if !filter.accepts(info.kind, &info.metadata) {
                 return Ok(None);
             }
-            // The store holds only the newest version of an id: while a replacement is being
-            // committed the old slot is still live, so its entry may already be the new one;
-            // the old version's vector is then kept aside until the next batch.
-            let stored = self.store.entry(&info.id, self.settings.dimension)?;
-            let vector = match stored {
-                Some((record, vector)) if record.slot == *slot => vector,
-                _ => self.superseded.read().get(slot).cloned(),
-            };
-            Ok(vector.map(|v| (vector::dot(query, &v), *slot)))
+            Ok(Some((vector::dot(query, &vector), slot)))
         };
         let scored: Result<Vec<Option<(f32, u64)>>> = if candidates.len() >= PARALLEL_SCAN_MIN {
             candidates.par_iter().map(score).collect()
@@ -224,6 +225,10 @@ impl Inner {
         };
 
         let mut scored: Vec<(f32, u64)> = scored?.into_iter().flatten().collect();
+        if moved.load(Ordering::Relaxed) {
+            scored.sort_unstable_by_key(|&(_, slot)| slot);
+            scored.dedup_by_key(|&mut (_, slot)| slot);
+        }
         if scored.len() > k {
             scored.select_nth_unstable_by(k - 1, by_score);
             scored.truncate(k);
@@ -232,8 +237,31 @@ impl Inner {
         Ok(scored)
     }
 
+    /// The version of the item at `slot` that an exact scan scores, as its slot and stored
+    /// vector: the slot's own when the store still holds it; the newer one the store holds
+    /// once it is published; while a replacement is committed (the store holds a version not
+    /// yet published), the published version from [`Inner::superseded`]. `None` for an item
+    /// deleted since, or a slot never published.
+    fn current_version(&self, view: &SlotView, slot: u64) -> Result<Option<(u64, Vec<f32>)>> {
+        let Some(info) = view.published(slot as usize) else {
+            return Ok(None);
+        };
+        let Some((record, vector)) = self.store.entry(&info.id, self.settings.dimension)? else {
+            return Ok(None);
+        };
+        if record.slot == slot || view.live(record.slot as usize).is_some() {
+            return Ok(vector.map(|vector| (record.slot, vector)));
+        }
+        let superseded = self.superseded.read();
+        let kept = superseded
+            .get(&info.id)
+            .filter(|(kept, _)| view.live(*kept as usize).is_some());
+        Ok(kept.cloned())
+    }
+
     /// Hits for scored slots, best first. A search that overlaps the commit of a replacement
-    /// can score both versions of an id; only the newer one (the higher slot) is reported.
+    /// can score both versions of an id, or one slot twice; the id is reported once, as its
+    /// newer version (the higher slot).
     fn hits(&self, view: &SlotView, scored: Vec<(f32, u64)>, scale: f32) -> Vec<Hit> {
         let found: Vec<(f32, u64, &SlotInfo)> = scored
             .into_iter()
@@ -248,7 +276,11 @@ impl Inner {
         }
         found
             .into_iter()
-            .filter(|(_, slot, info)| newest.get(info.id.as_str()) == Some(slot))
+            .filter(|(_, slot, info)| {
+                let newer = newest.get(info.id.as_str()) != Some(slot);
+                // Once reported, an id is dropped from the map: a slot scored twice is one hit.
+                !newer && newest.remove(info.id.as_str()).is_some()
+            })
             .map(|(similarity, _, info)| Hit {
                 id: info.id.clone(),
                 kind: info.kind,

@@ -154,18 +154,24 @@ fn a_dump_of_a_diverged_copy_is_not_reloaded() {
     assert!(!ids(&collection, &request(&vectors[1], 5)).contains(&"1".to_string()));
 }
 
-/// Opens `dir` expecting the refusal of a store that lost acknowledged writes; the dump that
-/// still holds them must survive the attempt.
+/// Opens `dir` expecting the refusal of a store that lost acknowledged writes, with the
+/// collection's settings and with graph parameters the dump was not built with; the dump
+/// that still holds the writes must survive every attempt.
 fn assert_refused_as_behind(dir: &Path) {
-    let Err(error) = Collection::open(dir, settings(DIM)) else {
-        panic!("a store behind its dump was opened");
-    };
-    assert!(matches!(error, Error::Storage { .. }), "{error}");
-    assert!(
-        error.to_string().contains("lost acknowledged writes"),
-        "{error}"
-    );
-    assert!(dir.join("graph").join("CURRENT").exists());
+    let mut other_shape = settings(DIM);
+    other_shape.hnsw.ef_construction += 1;
+    for settings in [settings(DIM), other_shape] {
+        let Err(error) = Collection::open(dir, settings) else {
+            panic!("a store behind its dump was opened");
+        };
+        assert!(matches!(error, Error::Storage { .. }), "{error}");
+        assert!(
+            error.to_string().contains("lost acknowledged writes"),
+            "{error}"
+        );
+        let current = fs::read_to_string(dir.join("graph").join("CURRENT")).unwrap();
+        assert!(dir.join("graph").join(current.trim()).exists());
+    }
 }
 
 #[test]
