@@ -277,9 +277,9 @@ impl Inner {
         found
             .into_iter()
             .filter(|(_, slot, info)| {
-                let newer = newest.get(info.id.as_str()) != Some(slot);
-                // Once reported, an id is dropped from the map: a slot scored twice is one hit.
-                !newer && newest.remove(info.id.as_str()).is_some()
+                // Once reported, an id leaves the map: a slot scored twice is one hit.
+                let id = info.id.as_str();
+                newest.get(id) == Some(slot) && newest.remove(id).is_some()
             })
             .map(|(similarity, _, info)| Hit {
                 id: info.id.clone(),
