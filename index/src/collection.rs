@@ -97,24 +97,28 @@ fn check_settings(settings: &Settings) -> Result<()> {
         (
             "dimension",
             (1..=MAX_DIMENSION).contains(&settings.dimension),
-            "1..=65536",
+            format!("1..={MAX_DIMENSION}"),
         ),
-        ("max_connections", (2..=255).contains(&m), "2..=255"),
+        ("max_connections", (2..=255).contains(&m), "2..=255".into()),
         (
             "ef_construction",
             (m..=MAX_EF).contains(&ef_construction),
-            "max_connections..=100000",
+            format!("max_connections..={MAX_EF}"),
         ),
-        ("ef_search", (1..=MAX_EF).contains(&ef_search), "1..=100000"),
+        (
+            "ef_search",
+            (1..=MAX_EF).contains(&ef_search),
+            format!("1..={MAX_EF}"),
+        ),
         (
             "compact_tombstone_ratio",
             ratio > 0.0 && ratio <= 1.0,
-            "in (0, 1]",
+            "in (0, 1]".into(),
         ),
         (
             "exact_scan_fraction",
             (0.0..=1.0).contains(&fraction),
-            "in [0, 1]",
+            "in [0, 1]".into(),
         ),
     ];
     for (field, ok, expected) in checks {
@@ -811,7 +815,8 @@ impl Inner {
             self.postings.add(slot, &info.metadata);
             self.count(info.kind).fetch_add(1, Ordering::Relaxed);
             self.slots.publish(slot, info);
-            // The new version first: a search never finds neither.
+            // The new version goes live before the old one is tombstoned, so that a search
+            // always finds one of the two.
             if let Some(previous) = &previous {
                 self.forget(previous);
             }

@@ -38,10 +38,11 @@ pub struct HnswParams {
     /// Width of the candidate list while inserting, `max_connections..=`[`crate::MAX_EF`].
     /// Default 200.
     pub ef_construction: usize,
-    /// Width of the candidate list while searching when a request gives none, 1..=
-    /// [`crate::MAX_EF`]; raised to `k` when smaller. Default 512, chosen so that recall@10 stays at or above 0.95 even on
-    /// unstructured random 256-d data; embeddings of real content reach that recall with a
-    /// much smaller value, which makes searches proportionally faster.
+    /// Width of the candidate list while searching when a request gives none,
+    /// `1..=`[`crate::MAX_EF`]; raised to `k` when smaller. Default 512, chosen so that
+    /// recall@10 stays at or above 0.95 even on unstructured random 256-d data; embeddings of
+    /// real content reach that recall with a much smaller value, which makes searches
+    /// proportionally faster.
     pub ef_search: usize,
     /// Share of tombstoned graph nodes past which a background compaction rebuilds the graph
     /// without them, in `(0, 1]`. Default 0.25.
