@@ -1,9 +1,9 @@
 //! Model throughput at mPLUG-base shape (ViT-B/16 @ 384, BERT-base fusion) on random weights:
 //! vision encoder images/s at batch 1 and 8, and ITM rerank of 16 candidates, in f32 and (on
-//! CPUs with AVX512-BF16) bf16 linear weights. Prints a table with the matmul FLOP rate and its
-//! share of the machine's f32 peak. With `--out DIR` it also writes the weights and inputs it
-//! used, plus its outputs and timings, so `scripts/bench-model.sh` can run PyTorch on the same
-//! weights.
+//! CPUs with AVX512-BF16) bf16 weights and attention. Prints a table with the matmul FLOP rate
+//! and its share of the machine's f32 peak. With `--out DIR` it also writes the weights and
+//! inputs it used, plus its outputs and timings, so `scripts/bench-model.sh` can run PyTorch on
+//! the same weights.
 //!
 //! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N] [--peak GFLOPS] [--b1]`;
 //! `--b1` times the vision encoder at batch 1 only (for profiling), without writing outputs.

@@ -4,17 +4,18 @@
 //! packed q/k/v slices and a key/value source of batch 1 shared by every query row need no
 //! copy. Each (batch, head) pair is one rayon task: scores `scale · q kᵀ` into a per-thread
 //! buffer, the additive mask, a row softmax ([`super::vmath::softmax`]), then `p v` written
-//! straight into its columns of the (B, Lq, H·d) output. The two products run on the `gemm`
-//! crate single-threaded inside the task. Compared with composed tensor ops this avoids the
-//! head-split and transpose copies and the (B, H, Lq, Lk) score and probability tensors.
+//! into its columns of the (B, Lq, H·d) output. Compared with composed tensor ops this avoids
+//! the head-split and transpose copies and the (B, H, Lq, Lk) score and probability tensors.
 //!
-//! TODO(attention-speed): the two products run in f32 on the `gemm` crate in both
-//! precisions. With linear layers on the AMX tile unit (bf16), they take about 21 % of a
-//! ViT-B/16 forward at batch 1 and the softmax 13 %, which keeps bf16 near 2× f32 rather
-//! than far above it. Rounding each head's queries, keys, probabilities and
-//! values to bf16 and running both products on the tile unit (keys and values packed like
-//! weight panels, the key count padded to 32) is the next step; in f32, packing each head's
-//! keys and values for the linear kernel and fusing the softmax into the score tiles.
+//! The two products run in the precision of the model's linear layers ([`Products`]): in f32
+//! on the `gemm` crate, single-threaded inside the task, or in bf16 on the kernels of
+//! [`super::bf16`] (the AMX tile unit where the CPU has one), with keys and values packed
+//! per head like weight panels ([`super::bf16::attend_head`]).
+//!
+//! TODO(attention-speed): the f32 products stay on the `gemm` crate. On a 2-core AVX2 CPU they
+//! take about 11 % of a ViT-B/16 forward at the same FLOP rate as the packed linear kernel,
+//! so packing keys and values for that kernel would gain about 1 %; the softmax (3 %) could
+//! still be fused into the score tiles while they are in registers.
 
 #![expect(
     unsafe_code,
@@ -26,17 +27,50 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::bf16::{self, HeadBuffers, Rows};
+use super::nn::Linear;
+
+/// The arithmetic of the two attention products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Products {
+    /// f32 operands and sums.
+    #[default]
+    F32,
+    /// Scaled queries, keys, probabilities and values rounded to bf16, sums in f32 (see
+    /// [`bf16::attend_head`]); only on CPUs where [`bf16::available`] is true.
+    Bf16,
+}
+
+impl Products {
+    /// The precision of `projection`'s kernel: bf16 when it runs on the packed bf16 kernel.
+    pub fn of(projection: &Linear) -> Self {
+        if projection.is_bf16() {
+            Self::Bf16
+        } else {
+            Self::F32
+        }
+    }
+}
+
 /// `softmax(q kᵀ / √d + mask) v` per head for q (B, Lq, W), k and v (B or 1, Lk, W) and an
-/// additive `mask` of shape (B, 1, 1, Lk); returns (B, Lq, W). Returns `None` when the fused
-/// kernel does not apply (other dtypes or devices, tensors that need gradients, a mask of
-/// another shape, a last dimension that is not contiguous), so the caller composes ops.
+/// additive `mask` of shape (B, 1, 1, Lk), with `products` in f32 or bf16; returns
+/// (B, Lq, W). Returns `None` when the fused kernel does not apply (other dtypes or devices,
+/// tensors that need gradients, a mask of another shape, a last dimension that is not
+/// contiguous), so the caller composes ops. Errors when `products` is bf16 on a CPU without
+/// the bf16 instructions.
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
+    products: Products,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
+    if products == Products::Bf16 && !bf16::available() {
+        return Err(candle_core::Error::Msg(
+            "bf16 attention on a CPU without avx512_bf16".into(),
+        ));
+    }
     let tensors = [Some(q), Some(k), Some(v), mask];
     let plain = tensors
         .iter()
@@ -60,6 +94,7 @@ pub fn fused_attention(
         heads,
         width: w,
         mask,
+        products,
     };
     q.apply_op3_no_bwd(k, v, &op).map(Some)
 }
@@ -78,6 +113,7 @@ struct Attend {
     width: usize,
     /// Additive mask, (B, Lk) row-major.
     mask: Option<Vec<f32>>,
+    products: Products,
 }
 
 /// A (B, L, W) f32 view with a contiguous last dimension.
@@ -126,6 +162,16 @@ impl<'a> View<'a> {
     /// First element of head columns `col..` in batch `b`.
     fn at(&self, b: usize, col: usize) -> *const f32 {
         self.data[self.start + b * self.batch + col..].as_ptr()
+    }
+
+    /// Columns `col..col + cols` of every row of batch `b`.
+    fn rows(&self, b: usize, col: usize, cols: usize) -> Rows<'a> {
+        Rows {
+            data: &self.data[self.start + b * self.batch + col..],
+            rows: self.len,
+            cols,
+            stride: self.row,
+        }
     }
 }
 
@@ -187,13 +233,63 @@ impl Product {
     }
 }
 
+/// Per-thread buffers of [`Attend`].
+#[derive(Default)]
+struct Scratch {
+    /// Scores and probabilities of one head in f32.
+    scores: Vec<f32>,
+    /// Operands and results of one head in bf16.
+    bf16: HeadBuffers,
+}
+
 impl Attend {
-    /// One (batch, head) pair into its block of `dst`, using `scores` as scratch.
+    /// One (batch, head) pair into its block of `dst`, in the precision of `self.products`.
     ///
     /// # Safety
     /// The views were checked by [`View::new`] for the batch count; `dst` points to a
     /// (B, Lq, W) buffer whose block for (`b`, `h`) no other thread writes.
-    unsafe fn head(
+    unsafe fn head(&self, qkv: [&View; 3], task: (usize, usize), dst: &SharedOut, s: &mut Scratch) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self.products {
+                Products::F32 => self.head_f32(qkv, task, dst, &mut s.scores),
+                Products::Bf16 => self.head_bf16(qkv, task, dst, &mut s.bf16),
+            }
+        }
+    }
+
+    /// [`Self::head`] in bf16: the context from [`bf16::attend_head`] copied into `dst`.
+    ///
+    /// # Safety
+    /// As for [`Self::head`].
+    unsafe fn head_bf16(
+        &self,
+        [q, k, v]: [&View; 3],
+        (b, h): (usize, usize),
+        dst: &SharedOut,
+        buffers: &mut HeadBuffers,
+    ) {
+        let (lq, lk, w) = (q.len, k.len, self.width);
+        let hd = w / self.heads;
+        let col = h * hd;
+        let qkv = [q.rows(b, col, hd), k.rows(b, col, hd), v.rows(b, col, hd)];
+        let mask = self.mask.as_ref().map(|m| &m[b * lk..][..lk]);
+        let context = bf16::attend_head(qkv, 1.0 / (hd as f32).sqrt(), mask, buffers);
+        for (i, row) in context.chunks_exact(hd).enumerate() {
+            // SAFETY: row i of batch b, columns col..col + hd, is inside the (B, Lq, W)
+            // output and belongs to this task alone.
+            unsafe {
+                let at = dst.0.add((b * lq + i) * w + col);
+                std::ptr::copy_nonoverlapping(row.as_ptr(), at, hd);
+            }
+        }
+    }
+
+    /// [`Self::head`] in f32, using `scores` as scratch.
+    ///
+    /// # Safety
+    /// As for [`Self::head`].
+    unsafe fn head_f32(
         &self,
         qkv: [&View; 3],
         task: (usize, usize),
@@ -285,14 +381,15 @@ impl CustomOp3 for Attend {
         let lq = q.len;
         let mut out = vec![0f32; batches * lq * self.width];
         let dst = SharedOut(out.as_mut_ptr());
-        (0..batches * self.heads)
-            .into_par_iter()
-            .for_each_init(Vec::new, |scores, task| {
+        (0..batches * self.heads).into_par_iter().for_each_init(
+            Scratch::default,
+            |scratch, task| {
                 let task = (task / self.heads, task % self.heads);
                 // SAFETY: the views were checked for `batches`; each task writes its own
                 // (batch, head) block of `out`, which outlives the loop.
-                unsafe { self.head([&q, &k, &v], task, &dst, scores) };
-            });
+                unsafe { self.head([&q, &k, &v], task, &dst, scratch) };
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((batches, lq, self.width))))
     }
 }
@@ -343,7 +440,8 @@ mod tests {
             &dev,
         )?;
         let mask = ((keep.ones_like()? - keep)? * -10000.0)?.reshape((b, 1, 1, lq))?;
-        let fused = fused_attention(&q, &k, &v, heads, Some(&mask))?.expect("fused applies");
+        let fused =
+            fused_attention(&q, &k, &v, heads, Products::F32, Some(&mask))?.expect("fused applies");
         let want = composed(&q, &k, &v, heads, Some(&mask));
         let diff = max_diff(&fused, &want);
         assert!(diff < 1e-5, "fused attention differs by {diff}");
@@ -357,7 +455,8 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (b, lq, w), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (1, lk, w), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, lk, w), &dev)?;
-        let fused = fused_attention(&q, &k, &v, heads, None)?.expect("fused applies");
+        let fused =
+            fused_attention(&q, &k, &v, heads, Products::F32, None)?.expect("fused applies");
         let diff = max_diff(&fused, &composed(&q, &k, &v, heads, None));
         assert!(diff < 1e-5, "shared attention differs by {diff}");
         Ok(())
@@ -368,7 +467,7 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::randn(0f32, 1.0, (1, 3, 8), &dev)?;
         let causal = Tensor::zeros((1, 1, 3, 3), DType::F32, &dev)?;
-        assert!(fused_attention(&q, &q, &q, 2, Some(&causal))?.is_none());
+        assert!(fused_attention(&q, &q, &q, 2, Products::F32, Some(&causal))?.is_none());
         Ok(())
     }
 }

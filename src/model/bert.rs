@@ -167,7 +167,8 @@ impl BertAttention {
         }
         let q = self.query.forward(xs)?;
         let (k, v) = (self.key.forward(kv)?, self.value.forward(kv)?);
-        let Some(ctx) = attend::fused_attention(&q, &k, &v, self.heads, mask)? else {
+        let products = attend::Products::of(&self.query);
+        let Some(ctx) = attend::fused_attention(&q, &k, &v, self.heads, products, mask)? else {
             return Ok(None);
         };
         let ys = self.dense.forward_with(&ctx, None, Some(xs))?;

@@ -60,7 +60,7 @@ pub fn available() -> bool {
 
 /// A weight matrix (out × in, as `nn.Linear` stores it) rounded to bf16 and packed for the
 /// kernel, with its optional f32 bias.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PackedBf16 {
     /// Panels of `NR` columns; in each, for every input pair `p`, `NR` columns × 2 values.
     panels: Vec<u16>,
@@ -140,7 +140,7 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
     let col_tasks = w.out_dim.div_ceil(task_cols);
     let sink = Sink {
         dst: SharedOut(out.as_mut_ptr()),
-        out_dim: w.out_dim,
+        stride: w.out_dim,
         bias: w.bias.as_deref(),
         epilogue,
     };
@@ -199,28 +199,26 @@ fn round_rows(xs: &[f32], rows: usize, in_dim: usize) -> Vec<u32> {
     let mut a = vec![0u32; padded * pairs];
     a.par_chunks_mut(pairs)
         .zip(xs.par_chunks(in_dim))
-        .for_each(|(dst, src)| round_row(src, dst));
+        .for_each(|(dst, src)| round_row(src, 1.0, dst));
     a
 }
 
-fn round_row(src: &[f32], dst: &mut [u32]) {
+/// Rounds `scale · src` to bf16 pairs into the first `src.len().div_ceil(2)` values of `dst`,
+/// with AVX512-BF16 where [`available`], otherwise in scalar code (same bits).
+fn round_row(src: &[f32], scale: f32, dst: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: `matmul` checked the CPU features before any row is rounded.
-        unsafe { x86::round_row(src, dst) }
+    if available() {
+        // SAFETY: the CPU has the instructions, checked just above.
+        return unsafe { x86::round_row(src, scale, dst) };
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    round_row_scalar(src, dst);
+    round_row_scalar(src, scale, dst);
 }
 
-/// Scalar rounding of one row to bf16 pairs (round to nearest even).
-fn round_row_scalar(src: &[f32], dst: &mut [u32]) {
+/// Scalar rounding of `scale · src` to bf16 pairs (round to nearest even).
+fn round_row_scalar(src: &[f32], scale: f32, dst: &mut [u32]) {
+    let round = |v: f32| half::bf16::from_f32(v * scale).to_bits() as u32;
     for (d, pair) in dst.iter_mut().zip(src.chunks(2)) {
-        let lo = half::bf16::from_f32(pair[0]).to_bits() as u32;
-        let hi = pair
-            .get(1)
-            .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
-        *d = lo | (hi << 16);
+        *d = round(pair[0]) | (pair.get(1).map_or(0, |&v| round(v)) << 16);
     }
 }
 
@@ -250,6 +248,220 @@ unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
             unsafe { sink.write(&tile, NR, &out) };
         }
     }
+}
+
+/// A row-major f32 operand read in place: `rows` rows of `cols` values, row `i` starting at
+/// `data[i * stride]`. Indexing outside `data` panics.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    /// The first value of the first row.
+    pub data: &'a [f32],
+    /// Row count.
+    pub rows: usize,
+    /// Values per row.
+    pub cols: usize,
+    /// Values from the start of one row to the next (at least `cols`).
+    pub stride: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.stride..][..self.cols]
+    }
+}
+
+impl PackedBf16 {
+    /// Repacks in place as the weight whose rows are `src`'s rows: `src.rows` outputs,
+    /// `in_dim` (at least `src.cols`) inputs with the missing ones zero, no bias. Reuses the
+    /// allocation. The result equals [`Self::pack`] of the same matrix.
+    fn repack_rows(&mut self, src: Rows, in_dim: usize) {
+        assert!(in_dim >= src.cols, "in_dim must cover the source columns");
+        self.reset(src.rows, in_dim);
+        let pairs = self.pairs();
+        let mut row = vec![0u32; src.cols.div_ceil(2)];
+        for n in 0..src.rows {
+            round_row(src.row(n), 1.0, &mut row);
+            let first = (n / NR) * pairs * NR + n % NR;
+            for (p, &pair) in row.iter().enumerate() {
+                let at = 2 * (first + p * NR);
+                self.panels[at] = pair as u16;
+                self.panels[at + 1] = (pair >> 16) as u16;
+            }
+        }
+    }
+
+    /// Repacks in place as the weight whose rows are `src`'s columns: `src.cols` outputs,
+    /// `in_dim` (at least `src.rows`) inputs with the missing ones zero, no bias. Reuses the
+    /// allocation. The result equals [`Self::pack`] of the transposed matrix.
+    fn repack_columns(&mut self, src: Rows, in_dim: usize) {
+        assert!(in_dim >= src.rows, "in_dim must cover the source rows");
+        self.reset(src.cols, in_dim);
+        let pairs = self.pairs();
+        for p in 0..src.rows.div_ceil(2) {
+            let first = src.row(2 * p);
+            let second = (2 * p + 1 < src.rows).then(|| src.row(2 * p + 1));
+            for panel in 0..src.cols.div_ceil(NR) {
+                let cols = panel * NR..((panel + 1) * NR).min(src.cols);
+                let dst = &mut self.panels[(panel * pairs + p) * NR * 2..][..NR * 2];
+                interleave(&first[cols.clone()], second.map(|s| &s[cols]), dst);
+            }
+        }
+    }
+
+    /// Zeroes the panels for an `out_dim` × `in_dim` weight without a bias.
+    fn reset(&mut self, out_dim: usize, in_dim: usize) {
+        (self.out_dim, self.in_dim, self.bias) = (out_dim, in_dim, None);
+        let len = out_dim.div_ceil(NR) * self.pairs() * NR * 2;
+        self.panels.clear();
+        self.panels.resize(len, 0);
+    }
+}
+
+/// Writes `first[c]` and `second[c]` (zero without a second row), rounded to bf16, side by
+/// side for every column `c`: the pair layout of one panel row. Full panels of two rows take
+/// the AVX512-BF16 path where [`available`].
+fn interleave(first: &[f32], second: Option<&[f32]>, dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(second) = second.filter(|_| first.len() == NR && available()) {
+        // SAFETY: the CPU has the instructions; both rows hold NR values and `dst` 2·NR.
+        return unsafe { x86::interleave(first, second, dst) };
+    }
+    let round = |v: f32| half::bf16::from_f32(v).to_bits();
+    for (c, &v) in first.iter().enumerate() {
+        dst[2 * c] = round(v);
+        dst[2 * c + 1] = second.map_or(0, |s| round(s[c]));
+    }
+}
+
+/// Rounds the rows of `src` times `scale` to bf16 pairs in `dst`: `pairs` per row (at least
+/// `src.cols.div_ceil(2)`; the rest zero), rows padded with zeros to a multiple of
+/// [`amx::ROWS`], the layout [`matmul`]'s kernels read activations in.
+fn round_into(src: Rows, scale: f32, pairs: usize, dst: &mut Vec<u32>) {
+    let used = src.cols.div_ceil(2);
+    assert!(pairs >= used, "pairs must cover the source columns");
+    dst.resize(src.rows.next_multiple_of(amx::ROWS) * pairs, 0);
+    let (rows, padding) = dst.split_at_mut(src.rows * pairs);
+    for (i, row) in rows.chunks_exact_mut(pairs).enumerate() {
+        round_row(src.row(i), scale, row);
+        row[used..].fill(0);
+    }
+    padding.fill(0);
+}
+
+/// A block driver: [`run_block`] (vdpbf16ps) or `amx::run_block` (tile unit).
+type BlockKernel = unsafe fn(&[u32], &PackedBf16, &Block, &Sink);
+
+/// The driver [`matmul`] would use for `w` on this CPU.
+fn kernel_for(w: &PackedBf16) -> BlockKernel {
+    if uses_amx(w) {
+        amx::run_block
+    } else {
+        run_block
+    }
+}
+
+/// `out = a · wᵀ` on the calling thread for `rows` activation rows rounded by
+/// [`round_into`] with `w.pairs()` pairs per row; `out` is row-major, `w.out_dim()` wide.
+///
+/// # Safety
+/// `kernel` may run on this CPU for `w` (see [`kernel_for`]).
+unsafe fn product(a: &[u32], rows: usize, w: &PackedBf16, out: &mut [f32], kernel: BlockKernel) {
+    assert!(a.len() >= rows.next_multiple_of(amx::ROWS) * w.pairs());
+    assert!(out.len() >= rows * w.out_dim);
+    let sink = Sink {
+        dst: SharedOut(out.as_mut_ptr()),
+        stride: w.out_dim,
+        bias: None,
+        epilogue: Epilogue::default(),
+    };
+    let block = Block {
+        rows: 0..rows,
+        cols: 0..w.out_dim,
+    };
+    // SAFETY: `a` holds the padded rows the drivers read and `out` the block they write,
+    // which only this call holds; the caller vouches for `kernel`.
+    unsafe { kernel(a, w, &block, &sink) }
+}
+
+/// Buffers of [`attend_head`], kept by a thread across heads so that their memory is reused.
+#[derive(Debug, Default)]
+pub struct HeadBuffers {
+    queries: Vec<u32>,
+    keys: PackedBf16,
+    values: PackedBf16,
+    scores: Vec<f32>,
+    probs: Vec<u32>,
+    context: Vec<f32>,
+}
+
+/// One attention head in bf16: `softmax(scale · q kᵀ + mask) v` for queries `q` (Lq × d),
+/// keys `k` and values `v` (Lk × d) and an additive `mask` of Lk values. The scaled queries,
+/// the keys, the probabilities and the values are rounded to bf16 (nearest even); products
+/// sum in f32 on the tile unit where [`uses_amx`] allows, otherwise on `vdpbf16ps`; the
+/// softmax runs in f32. Reductions are padded with zeros to multiples of 32 inputs. Returns
+/// the Lq × d context, row-major, held in `buffers`.
+///
+/// Panics (a caller bug) when [`available`] is false or the shapes disagree.
+pub fn attend_head<'b>(
+    qkv: [Rows; 3],
+    scale: f32,
+    mask: Option<&[f32]>,
+    buffers: &'b mut HeadBuffers,
+) -> &'b [f32] {
+    assert!(
+        available(),
+        "bf16 kernels called on a CPU without avx512_bf16"
+    );
+    // SAFETY: the CPU has the instructions of both drivers; `kernel_for` picks the tile unit
+    // only where it is usable for the weight at hand.
+    unsafe { attend_head_with(qkv, scale, mask, buffers, kernel_for) }
+}
+
+/// [`attend_head`] with the block driver chosen by `kernel`.
+///
+/// # Safety
+/// Every driver `kernel` returns may run on this CPU for the weight it is given.
+unsafe fn attend_head_with<'b>(
+    [q, k, v]: [Rows; 3],
+    scale: f32,
+    mask: Option<&[f32]>,
+    buffers: &'b mut HeadBuffers,
+    kernel: fn(&PackedBf16) -> BlockKernel,
+) -> &'b [f32] {
+    assert!(
+        q.cols == k.cols && k.rows == v.rows,
+        "q, k and v shapes disagree"
+    );
+    assert!(
+        mask.is_none_or(|m| m.len() == k.rows),
+        "mask length must be Lk"
+    );
+    let (lq, lk) = (q.rows, k.rows);
+    let b = buffers;
+    let width = q.cols.next_multiple_of(amx::INPUTS);
+    round_into(q, scale, width / 2, &mut b.queries);
+    b.keys.repack_rows(k, width);
+    b.scores.resize(lq * lk, 0.0);
+    // SAFETY: forwarded from the caller.
+    unsafe { product(&b.queries, lq, &b.keys, &mut b.scores, kernel(&b.keys)) };
+
+    b.scores
+        .chunks_exact_mut(lk)
+        .for_each(|row| super::vmath::softmax(row, mask));
+    let keys = lk.next_multiple_of(amx::INPUTS);
+    let probs = Rows {
+        data: &b.scores,
+        rows: lq,
+        cols: lk,
+        stride: lk,
+    };
+    round_into(probs, 1.0, keys / 2, &mut b.probs);
+
+    b.values.repack_columns(v, keys);
+    b.context.resize(lq * v.cols, 0.0);
+    // SAFETY: forwarded from the caller.
+    unsafe { product(&b.probs, lq, &b.values, &mut b.context, kernel(&b.values)) };
+    &b.context
 }
 
 /// The AMX path: tile configuration, the 32 × [`NR`] block product and its driver.
@@ -487,22 +699,61 @@ mod x86 {
 
     use super::{MR, NR};
 
-    /// Rounds one f32 row to bf16 pairs, 16 values per instruction, the tail in scalar.
+    /// Rounds `scale` times one f32 row to bf16 pairs, 16 values per instruction, the tail
+    /// in scalar.
     ///
     /// # Safety
     /// The CPU has AVX512F, AVX512BW and AVX512-BF16; `dst` holds `src.len().div_ceil(2)`.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+    pub(super) unsafe fn round_row(src: &[f32], scale: f32, dst: &mut [u32]) {
+        assert!(dst.len() >= src.len().div_ceil(2));
         let full = src.len() / 16;
+        let factor = _mm512_set1_ps(scale);
         for i in 0..full {
             // SAFETY: 16 values from 16·i are inside `src`; 8 pairs from 8·i inside `dst`.
             unsafe {
-                let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
+                let v = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(16 * i)), factor);
                 let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
                 _mm256_storeu_si256(dst.as_mut_ptr().add(8 * i).cast(), h);
             }
         }
-        super::round_row_scalar(&src[16 * full..], &mut dst[8 * full..]);
+        super::round_row_scalar(&src[16 * full..], scale, &mut dst[8 * full..]);
+    }
+
+    /// Word order that puts the 16 bf16 values of one row beside those of the next.
+    const INTERLEAVE: [u16; 32] = {
+        let mut order = [0u16; 32];
+        let mut i = 0;
+        while i < 16 {
+            order[2 * i] = i as u16;
+            order[2 * i + 1] = i as u16 + 16;
+            i += 1;
+        }
+        order
+    };
+
+    /// [`super::interleave`] of two full panel rows: 16 columns per step.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F, AVX512BW and AVX512-BF16; `first` and `second` hold NR values
+    /// and `dst` 2·NR.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub(super) unsafe fn interleave(first: &[f32], second: &[f32], dst: &mut [u16]) {
+        assert!(first.len() >= NR && second.len() >= NR && dst.len() >= 2 * NR);
+        // SAFETY: INTERLEAVE is 64 bytes.
+        let order = unsafe { _mm512_loadu_si512(INTERLEAVE.as_ptr().cast()) };
+        for half in 0..NR / 16 {
+            // SAFETY: 16 values from 16·half are inside both rows; 32 words from 32·half
+            // inside `dst`.
+            unsafe {
+                let a = _mm512_loadu_ps(first.as_ptr().add(16 * half));
+                let b = _mm512_loadu_ps(second.as_ptr().add(16 * half));
+                // Words 0–15 come from the second operand (`a`), 16–31 from the first.
+                let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
+                let paired = _mm512_permutexvar_epi16(order, both);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(32 * half).cast(), paired);
+            }
+        }
     }
 
     /// One MR × NR tile over all `pairs` input pairs, written row-major (stride NR) to `out`.
@@ -656,8 +907,210 @@ mod tests {
         src[5] = -3.0e-3;
         let (mut fast, mut slow) = (vec![0u32; 34], vec![0u32; 34]);
         // SAFETY: the CPU check above passed.
-        unsafe { x86::round_row(&src, &mut fast) };
-        round_row_scalar(&src, &mut slow);
+        unsafe { x86::round_row(&src, 0.125, &mut fast) };
+        round_row_scalar(&src, 0.125, &mut slow);
         assert_eq!(fast, slow);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_interleave_matches_scalar() {
+        if !available() {
+            eprintln!("skipped: this CPU has no avx512_bf16");
+            return;
+        }
+        let (first, second) = (random(NR, 11), random(NR, 12));
+        let (mut fast, mut slow) = (vec![0u16; 2 * NR], vec![0u16; 2 * NR]);
+        // SAFETY: the CPU check above passed; both rows hold NR values.
+        unsafe { x86::interleave(&first, &second, &mut fast) };
+        let round = |v: f32| half::bf16::from_f32(v).to_bits();
+        for c in 0..NR {
+            (slow[2 * c], slow[2 * c + 1]) = (round(first[c]), round(second[c]));
+        }
+        assert_eq!(fast, slow);
+    }
+
+    /// `rows` × `cols` values `stride` apart, the gaps filled with values that must not be
+    /// read, and the same matrix compacted.
+    fn strided(rows: usize, cols: usize, stride: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let data = random(rows * stride, seed);
+        let compact = data
+            .chunks(stride)
+            .flat_map(|row| row[..cols].to_vec())
+            .collect();
+        (data, compact)
+    }
+
+    fn rows_of(data: &[f32], rows: usize, cols: usize, stride: usize) -> Rows<'_> {
+        Rows {
+            data,
+            rows,
+            cols,
+            stride,
+        }
+    }
+
+    #[test]
+    fn repacked_rows_and_columns_equal_packing_the_padded_matrix() {
+        let mut packed = PackedBf16::default();
+        for (rows, cols, stride, in_pad) in [(45, 24, 72, 32), (33, 64, 192, 64), (7, 3, 3, 4)] {
+            let (data, compact) = strided(rows, cols, stride, rows as u64);
+            let src = rows_of(&data, rows, cols, stride);
+
+            let mut weight = vec![0f32; rows * in_pad];
+            for (dst, row) in weight.chunks_mut(in_pad).zip(compact.chunks(cols)) {
+                dst[..cols].copy_from_slice(row);
+            }
+            packed.repack_rows(src, in_pad);
+            let want = PackedBf16::pack(&weight, rows, in_pad, None);
+            assert_eq!(packed.panels, want.panels, "rows of {rows} × {cols}");
+            assert_eq!((packed.out_dim, packed.in_dim), (rows, in_pad));
+
+            let keys = rows.next_multiple_of(32);
+            let mut transposed = vec![0f32; cols * keys];
+            for (r, row) in compact.chunks(cols).enumerate() {
+                row.iter()
+                    .enumerate()
+                    .for_each(|(c, &x)| transposed[c * keys + r] = x);
+            }
+            packed.repack_columns(src, keys);
+            let want = PackedBf16::pack(&transposed, cols, keys, None);
+            assert_eq!(packed.panels, want.panels, "columns of {rows} × {cols}");
+            assert_eq!((packed.out_dim, packed.in_dim), (cols, keys));
+        }
+    }
+
+    #[test]
+    fn rounded_rows_are_padded_with_zeros_over_stale_values() {
+        let (data, compact) = strided(5, 7, 9, 3);
+        let mut dst = vec![u32::MAX; 200];
+        round_into(rows_of(&data, 5, 7, 9), 0.5, 6, &mut dst);
+        assert_eq!(dst.len(), amx::ROWS * 6);
+        for (i, row) in dst.chunks(6).enumerate() {
+            let mut want = vec![0u32; 6];
+            if i < 5 {
+                round_row_scalar(&compact[i * 7..][..7], 0.5, &mut want);
+            }
+            assert_eq!(row, want, "row {i}");
+        }
+    }
+
+    /// The block drivers' arithmetic in scalar code: bf16 pairs multiplied and summed in f32,
+    /// one output row at a time.
+    ///
+    /// # Safety
+    /// As for the drivers: `block` lies within the output behind `sink.dst`.
+    unsafe fn emulated_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
+        let pairs = w.pairs();
+        let wide = |x: u16| f32::from_bits((x as u32) << 16);
+        let mut tile = [0f32; NR];
+        for row in block.rows.clone() {
+            for col in block.cols.clone().step_by(NR) {
+                let panel = &w.panels[(col / NR) * pairs * NR * 2..][..pairs * NR * 2];
+                for (c, sum) in tile.iter_mut().enumerate() {
+                    *sum = (0..pairs).fold(0.0, |acc, p| {
+                        let (x, at) = (a[row * pairs + p], (p * NR + c) * 2);
+                        let acc = wide(x as u16).mul_add(wide(panel[at]), acc);
+                        wide((x >> 16) as u16).mul_add(wide(panel[at + 1]), acc)
+                    });
+                }
+                let span = Span {
+                    row,
+                    col,
+                    rows: 1,
+                    cols: (block.cols.end - col).min(NR),
+                };
+                // SAFETY: forwarded from the caller.
+                unsafe { sink.write(&tile, NR, &span) };
+            }
+        }
+    }
+
+    /// `softmax(round(scale·q) round(k)ᵀ + mask)` rounded to bf16, times round(v), in f64:
+    /// the same rounded operands as the kernels, exact sums.
+    fn reference_head(q: &[f32], k: &[f32], v: &[f32], d: usize, mask: &[f32]) -> Vec<f32> {
+        let scale = 1.0 / (d as f32).sqrt();
+        let round = |x: f32| bf16_round(x) as f64;
+        let (lq, lk) = (q.len() / d, k.len() / d);
+        let mut out = vec![0f32; lq * d];
+        for i in 0..lq {
+            let logits: Vec<f64> = (0..lk)
+                .map(|j| {
+                    let dot: f64 = (0..d)
+                        .map(|c| round(q[i * d + c] * scale) * round(k[j * d + c]))
+                        .sum();
+                    dot + mask[j] as f64
+                })
+                .collect();
+            let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let exps: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+            let total: f64 = exps.iter().sum();
+            for c in 0..d {
+                out[i * d + c] = (0..lk)
+                    .map(|j| round((exps[j] / total) as f32) * round(v[j * d + c]))
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    /// Runs one head on strided q, k, v (as packed q/k/v projections lay them out) with a
+    /// mask and checks it against [`reference_head`], reusing `buffers` from earlier heads.
+    fn check_head(shape: (usize, usize, usize), buffers: &mut HeadBuffers, real: bool) {
+        let (lq, lk, d) = shape;
+        let stride = 3 * d;
+        let (q_data, q) = strided(lq, d, stride, 21);
+        let (kv_data, _) = strided(lk, stride, stride, 22);
+        let gather = |offset: usize| -> Vec<f32> {
+            kv_data
+                .chunks(stride)
+                .flat_map(|row| row[offset..offset + d].to_vec())
+                .collect()
+        };
+        let (k, v) = (gather(d), gather(2 * d));
+        let mask: Vec<f32> = (0..lk)
+            .map(|j| if j % 5 == 3 { -10000.0 } else { 0.0 })
+            .collect();
+        let qkv = [
+            rows_of(&q_data, lq, d, stride),
+            rows_of(&kv_data[d..], lk, d, stride),
+            rows_of(&kv_data[2 * d..], lk, d, stride),
+        ];
+        let scale = 1.0 / (d as f32).sqrt();
+        let got = if real {
+            attend_head(qkv, scale, Some(&mask), buffers).to_vec()
+        } else {
+            // SAFETY: the emulated driver runs on any CPU.
+            unsafe { attend_head_with(qkv, scale, Some(&mask), buffers, |_| emulated_block) }
+                .to_vec()
+        };
+        let want = reference_head(&q, &k, &v, d, &mask);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        // Sums in f32 rather than f64, and a probability now and then rounded the other way.
+        assert!(diff < 1e-3, "{shape:?}: max diff {diff}");
+    }
+
+    #[test]
+    fn attention_head_matches_the_rounded_reference_with_emulated_products() {
+        let mut buffers = HeadBuffers::default();
+        for shape in [(37, 45, 24), (70, 577, 64), (1, 3, 8), (33, 64, 32)] {
+            check_head(shape, &mut buffers, false);
+        }
+    }
+
+    #[test]
+    fn attention_head_on_this_cpus_kernels_matches_the_rounded_reference() {
+        if !available() {
+            eprintln!("skipped: this CPU has no avx512_bf16");
+            return;
+        }
+        let mut buffers = HeadBuffers::default();
+        for shape in [(37, 45, 24), (577, 577, 64), (1, 3, 8), (33, 64, 32)] {
+            check_head(shape, &mut buffers, true);
+        }
     }
 }

@@ -101,6 +101,11 @@ impl Linear {
         }
     }
 
+    /// Whether the layer runs on the packed bf16 kernel.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.packed, Some(Packed::Bf16(_)))
+    }
+
     /// Switches the layer to a packed kernel (see [`Packing`]); packing again repacks from
     /// the same values. Errors when the weight is not a CPU tensor, or for [`Packing::F32`]
     /// when it is not f32; the caller checks that the CPU has the kernel's instructions.

@@ -33,11 +33,14 @@ pub(crate) struct Span {
     pub(crate) cols: usize,
 }
 
-/// The destination of finished tiles: a row-major (rows × `out_dim`) output, the layer's
-/// bias and the call's epilogue.
+/// The destination of finished tiles: a row-major output, the layer's bias and the call's
+/// epilogue.
 pub(crate) struct Sink<'a> {
     pub(crate) dst: SharedOut,
-    pub(crate) out_dim: usize,
+    /// Values from the start of one output row to the next (the output's width when it is a
+    /// whole matrix; wider when it is a column block of a larger one). A residual is read
+    /// with the same layout.
+    pub(crate) stride: usize,
     pub(crate) bias: Option<&'a [f32]>,
     pub(crate) epilogue: Epilogue<'a>,
 }
@@ -49,7 +52,7 @@ impl Sink<'_> {
     /// # Safety
     /// `span` lies within the output behind `dst`, which no other thread writes there.
     pub(crate) unsafe fn write(&self, tile: &[f32], stride: usize, span: &Span) {
-        let n = self.out_dim;
+        let n = self.stride;
         for r in 0..span.rows {
             let at = (span.row + r) * n + span.col;
             let src = &tile[r * stride..][..span.cols];

@@ -207,7 +207,7 @@ unsafe fn matmul_with(
     let mut out = Vec::with_capacity(len);
     let sink = Sink {
         dst: SharedOut(out.as_mut_ptr()),
-        out_dim: w.out_dim,
+        stride: w.out_dim,
         bias: w.bias.as_deref(),
         epilogue,
     };

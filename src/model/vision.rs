@@ -8,7 +8,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use super::attend::fused_attention;
+use super::attend::{fused_attention, Products};
 use super::config::{AdapterConfig, VisionConfig};
 use super::nn::{attention, split_heads, LayerNorm, Linear, Packing};
 
@@ -50,7 +50,7 @@ impl VisionAttention {
         let q = qkv.narrow(D::Minus1, 0, w)?;
         let k = qkv.narrow(D::Minus1, w, w)?;
         let v = qkv.narrow(D::Minus1, 2 * w, w)?;
-        let ys = match fused_attention(&q, &k, &v, self.heads, None)? {
+        let ys = match fused_attention(&q, &k, &v, self.heads, Products::of(&self.in_proj), None)? {
             Some(ys) => ys,
             None => {
                 let [q, k, v] = [q, k, v].map(|t| split_heads(&t, self.heads));
