@@ -17,6 +17,11 @@
 //! The tile unit does 16 times the multiply-adds per cycle of `vdpbf16ps`; on CPUs that
 //! have both, `vdpbf16ps` is no faster than f32 FMAs, so AMX is what makes bf16 pay.
 //!
+//! [`attend_head`] runs both products of one attention head on the same drivers: the scaled
+//! queries and the probabilities are rounded like activations, the keys and the values are
+//! packed per head like weight panels (keys as the rows of a weight, values as its columns),
+//! and both reductions are padded with zeros to whole tile steps.
+//!
 //! [`available`] says whether the running CPU has the instructions; nothing here may be
 //! called when it does not (the callers check once at model load).
 
@@ -128,15 +133,28 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
             "residual length must be rows × out_dim"
         );
     }
-    let on_tiles = uses_amx(w);
-    let (task_rows, task_cols) = if on_tiles {
-        (amx::TASK_ROWS, amx::TASK_COLS)
-    } else {
-        (TASK_ROWS, TASK_COLS)
-    };
+    // SAFETY: the CPU has the instructions of both drivers (checked above); `driver_for` picks
+    // the tile unit only where it is usable for `w`; the lengths were checked above.
+    unsafe { matmul_with(xs, rows, w, epilogue, driver_for(w)) }
+}
+
+/// [`matmul`] on `driver`, the lengths already checked. The output is not zero-filled first:
+/// the blocks tile it and every driver writes each value of its block.
+///
+/// # Safety
+/// `driver` may run on this CPU for `w`; `xs` holds rows × in_dim values and the residual,
+/// if any, rows × out_dim.
+unsafe fn matmul_with(
+    xs: &[f32],
+    rows: usize,
+    w: &PackedBf16,
+    epilogue: Epilogue,
+    driver: Driver,
+) -> Vec<f32> {
     let a = round_rows(xs, rows, w.in_dim);
-    let mut out = vec![0f32; rows * w.out_dim];
-    let row_tasks = rows.div_ceil(task_rows);
+    let len = rows * w.out_dim;
+    let mut out = Vec::with_capacity(len);
+    let (task_rows, task_cols) = driver.task;
     let col_tasks = w.out_dim.div_ceil(task_cols);
     let sink = Sink {
         dst: SharedOut(out.as_mut_ptr()),
@@ -144,7 +162,8 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
         bias: w.bias.as_deref(),
         epilogue,
     };
-    (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
+    let tasks = rows.div_ceil(task_rows) * col_tasks;
+    (0..tasks).into_par_iter().for_each(|task| {
         let (row0, col0) = (
             (task / col_tasks) * task_rows,
             (task % col_tasks) * task_cols,
@@ -153,16 +172,14 @@ pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Ve
             rows: row0..(row0 + task_rows).min(rows),
             cols: col0..(col0 + task_cols).min(w.out_dim),
         };
-        // SAFETY: the CPU checks above hold; each task writes only its own rows × columns
-        // block of `out`, which is rows × out_dim long and outlives the parallel loop.
-        unsafe {
-            if on_tiles {
-                amx::run_block(&a, w, &block, &sink);
-            } else {
-                run_block(&a, w, &block, &sink);
-            }
-        }
+        // SAFETY: the caller vouches for the driver; each task writes only its own rows ×
+        // columns block of `out`, which has room for rows × out_dim values and outlives the
+        // parallel loop.
+        unsafe { (driver.run)(&a, w, &block, &sink) };
     });
+    // SAFETY: the blocks tile the rows × out_dim output and each driver wrote every value of
+    // its block (see `Sink::write`).
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -348,15 +365,28 @@ fn round_into(src: Rows, scale: f32, pairs: usize, dst: &mut Vec<u32>) {
     padding.fill(0);
 }
 
-/// A block driver: [`run_block`] (vdpbf16ps) or `amx::run_block` (tile unit).
-type BlockKernel = unsafe fn(&[u32], &PackedBf16, &Block, &Sink);
+/// A block driver, [`run_block`] (vdpbf16ps) or `amx::run_block` (tile unit), with the size
+/// of the parallel work items [`matmul`] gives it.
+#[derive(Clone, Copy)]
+struct Driver {
+    /// Computes one block and hands it to the sink; every value of the block is written.
+    run: unsafe fn(&[u32], &PackedBf16, &Block, &Sink),
+    /// Rows and columns of one work item.
+    task: (usize, usize),
+}
 
-/// The driver [`matmul`] would use for `w` on this CPU.
-fn kernel_for(w: &PackedBf16) -> BlockKernel {
+/// The driver for `w` on this CPU: the tile unit where [`uses_amx`] allows, else vdpbf16ps.
+fn driver_for(w: &PackedBf16) -> Driver {
     if uses_amx(w) {
-        amx::run_block
+        Driver {
+            run: amx::run_block,
+            task: (amx::TASK_ROWS, amx::TASK_COLS),
+        }
     } else {
-        run_block
+        Driver {
+            run: run_block,
+            task: (TASK_ROWS, TASK_COLS),
+        }
     }
 }
 
@@ -364,8 +394,8 @@ fn kernel_for(w: &PackedBf16) -> BlockKernel {
 /// [`round_into`] with `w.pairs()` pairs per row; `out` is row-major, `w.out_dim()` wide.
 ///
 /// # Safety
-/// `kernel` may run on this CPU for `w` (see [`kernel_for`]).
-unsafe fn product(a: &[u32], rows: usize, w: &PackedBf16, out: &mut [f32], kernel: BlockKernel) {
+/// `driver` may run on this CPU for `w` (see [`driver_for`]).
+unsafe fn product(a: &[u32], rows: usize, w: &PackedBf16, out: &mut [f32], driver: Driver) {
     assert!(a.len() >= rows.next_multiple_of(amx::ROWS) * w.pairs());
     assert!(out.len() >= rows * w.out_dim);
     let sink = Sink {
@@ -379,8 +409,8 @@ unsafe fn product(a: &[u32], rows: usize, w: &PackedBf16, out: &mut [f32], kerne
         cols: 0..w.out_dim,
     };
     // SAFETY: `a` holds the padded rows the drivers read and `out` the block they write,
-    // which only this call holds; the caller vouches for `kernel`.
-    unsafe { kernel(a, w, &block, &sink) }
+    // which only this call holds; the caller vouches for the driver.
+    unsafe { (driver.run)(a, w, &block, &sink) }
 }
 
 /// Buffers of [`attend_head`], kept by a thread across heads so that their memory is reused.
@@ -412,21 +442,21 @@ pub fn attend_head<'b>(
         available(),
         "bf16 kernels called on a CPU without avx512_bf16"
     );
-    // SAFETY: the CPU has the instructions of both drivers; `kernel_for` picks the tile unit
+    // SAFETY: the CPU has the instructions of both drivers; `driver_for` picks the tile unit
     // only where it is usable for the weight at hand.
-    unsafe { attend_head_with(qkv, scale, mask, buffers, kernel_for) }
+    unsafe { attend_head_with(qkv, scale, mask, buffers, driver_for) }
 }
 
-/// [`attend_head`] with the block driver chosen by `kernel`.
+/// [`attend_head`] with the block driver chosen by `driver`.
 ///
 /// # Safety
-/// Every driver `kernel` returns may run on this CPU for the weight it is given.
+/// Every driver `driver` returns may run on this CPU for the weight it is given.
 unsafe fn attend_head_with<'b>(
     [q, k, v]: [Rows; 3],
     scale: f32,
     mask: Option<&[f32]>,
     buffers: &'b mut HeadBuffers,
-    kernel: fn(&PackedBf16) -> BlockKernel,
+    driver: fn(&PackedBf16) -> Driver,
 ) -> &'b [f32] {
     assert!(
         q.cols == k.cols && k.rows == v.rows,
@@ -443,7 +473,7 @@ unsafe fn attend_head_with<'b>(
     b.keys.repack_rows(k, width);
     b.scores.resize(lq * lk, 0.0);
     // SAFETY: forwarded from the caller.
-    unsafe { product(&b.queries, lq, &b.keys, &mut b.scores, kernel(&b.keys)) };
+    unsafe { product(&b.queries, lq, &b.keys, &mut b.scores, driver(&b.keys)) };
 
     b.scores
         .chunks_exact_mut(lk)
@@ -460,7 +490,7 @@ unsafe fn attend_head_with<'b>(
     b.values.repack_columns(v, keys);
     b.context.resize(lq * v.cols, 0.0);
     // SAFETY: forwarded from the caller.
-    unsafe { product(&b.probs, lq, &b.values, &mut b.context, kernel(&b.values)) };
+    unsafe { product(&b.probs, lq, &b.values, &mut b.context, driver(&b.values)) };
     &b.context
 }
 
@@ -1026,6 +1056,35 @@ mod tests {
         }
     }
 
+    /// The emulated driver, with work items small enough that odd shapes split into several.
+    const EMULATED: Driver = Driver {
+        run: emulated_block,
+        task: (16, 2 * NR),
+    };
+
+    #[test]
+    fn parallel_blocks_cover_the_output_with_emulated_products() {
+        for (rows, n, k) in [(41, 129, 130), (100, 70, 64), (1, 1, 1), (16, 64, 3)] {
+            let (xs, w, b) = operands((rows, n, k), 5);
+            let res = random(rows * n, 6);
+            let packed = PackedBf16::pack(&w, n, k, Some(b.clone()));
+            let epilogue = Epilogue {
+                act: Some(Activation::QuickGelu),
+                residual: Some(&res),
+            };
+            // SAFETY: the emulated driver runs on any CPU; the lengths fit the shape.
+            let got = unsafe { matmul_with(&xs, rows, &packed, epilogue, EMULATED) };
+            let want = reference(&xs, &w, &b, rows, n, k);
+            for ((g, w), r) in got.iter().zip(&want).zip(&res) {
+                let w = activation_value(Activation::QuickGelu, *w) + r;
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "({rows}, {n}, {k}): got {g}, want {w}"
+                );
+            }
+        }
+    }
+
     /// `softmax(round(scale·q) round(k)ᵀ + mask)` rounded to bf16, times round(v), in f64:
     /// the same rounded operands as the kernels, exact sums.
     fn reference_head(q: &[f32], k: &[f32], v: &[f32], d: usize, mask: &[f32]) -> Vec<f32> {
@@ -1081,8 +1140,7 @@ mod tests {
             attend_head(qkv, scale, Some(&mask), buffers).to_vec()
         } else {
             // SAFETY: the emulated driver runs on any CPU.
-            unsafe { attend_head_with(qkv, scale, Some(&mask), buffers, |_| emulated_block) }
-                .to_vec()
+            unsafe { attend_head_with(qkv, scale, Some(&mask), buffers, |_| EMULATED) }.to_vec()
         };
         let want = reference_head(&q, &k, &v, d, &mask);
         let diff = got
