@@ -116,21 +116,36 @@ impl Inner {
         count.load(Ordering::Relaxed) as usize
     }
 
+    /// An exact scan when few items can match: the upper bound of [`Self::estimate`] is
+    /// within [`Self::exact_limit`], or (for several metadata pairs, each common) their
+    /// intersection is; a graph walk otherwise.
     fn plan(&self, view: &SlotView, filter: &Filter) -> Plan {
         if filter.is_empty() {
             return Plan::Graph { filtered: false };
         }
-        let params = &self.settings.hnsw;
-        let matches = self.estimate(filter);
-        let fraction = matches as f32 / self.live_count().max(1) as f32;
-        if matches <= params.exact_scan_max_matches || fraction < params.exact_scan_fraction {
-            Plan::Exact(self.candidates(view, filter))
-        } else {
-            Plan::Graph { filtered: true }
+        let limit = self.exact_limit();
+        if self.estimate(filter) <= limit {
+            return Plan::Exact(self.candidates(view, filter));
         }
+        if filter.metadata.len() > 1 {
+            if let Some(matching) = self.postings.matching(&filter.metadata, limit) {
+                return Plan::Exact(matching);
+            }
+        }
+        Plan::Graph { filtered: true }
     }
 
-    /// Live slots that may match: the rarest metadata list, or every live slot.
+    /// The most matches for which an exact scan is chosen: `exact_scan_max_matches`, or
+    /// fewer than `exact_scan_fraction` of the live items if that is more.
+    fn exact_limit(&self) -> usize {
+        let params = &self.settings.hnsw;
+        let share = params.exact_scan_fraction as f64 * self.live_count() as f64;
+        let by_fraction = (share.ceil() as usize).saturating_sub(1);
+        params.exact_scan_max_matches.max(by_fraction)
+    }
+
+    /// Live slots that may match: those carrying every metadata pair, or every live slot of
+    /// an accepted kind when the filter has no metadata.
     fn candidates(&self, view: &SlotView, filter: &Filter) -> Vec<u64> {
         if filter.metadata.is_empty() {
             return view
@@ -139,7 +154,9 @@ impl Inner {
                 .map(|(slot, _)| slot)
                 .collect();
         }
-        self.postings.candidates(&filter.metadata)
+        self.postings
+            .matching(&filter.metadata, usize::MAX)
+            .unwrap_or_default()
     }
 
     /// Graph walk returning `(similarity, slot)` of live, accepted nodes, best first.
@@ -347,5 +364,89 @@ mod tests {
         let hits = collection.search(&request).unwrap();
         assert_eq!(hits.len(), 10, "hits: {hits:?}");
         assert!(hits.iter().all(|h| h.id != "item-5"));
+    }
+
+    /// A collection of `count` items, item `i` tagged `colour` red (even i) or blue, `tone`
+    /// dark for odd i, `size` small (i below half) or large, and `band` high for i from
+    /// `count / 2 - 100` on.
+    fn tagged(dir: &std::path::Path, count: usize) -> Collection {
+        let settings = Settings {
+            dimension: 8,
+            metric: Metric::Cosine,
+            hnsw: HnswParams::default(),
+            model_id: "test".into(),
+        };
+        let collection = Collection::open(dir, settings).unwrap();
+        let items = (0..count).map(|i| {
+            let tag = |k: &str, v: &str| (k.to_string(), v.to_string());
+            let mut metadata = BTreeMap::from([
+                tag("colour", if i % 2 == 0 { "red" } else { "blue" }),
+                tag("size", if i < count / 2 { "small" } else { "large" }),
+            ]);
+            if i % 2 == 1 {
+                metadata.insert("tone".into(), "dark".into());
+            }
+            if i >= count / 2 - 100 {
+                metadata.insert("band".into(), "high".into());
+            }
+            Item {
+                id: format!("item-{i}"),
+                kind: ItemKind::Image,
+                vector: (0..8)
+                    .map(|d| ((i * 7 + d * 3) % 11) as f32 + 1.0)
+                    .collect(),
+                metadata,
+                content_hash: [i as u8; 32],
+                payload: None,
+            }
+        });
+        collection.upsert(items.collect()).unwrap();
+        collection
+    }
+
+    fn filter(pairs: &[(&str, &str)]) -> Filter {
+        Filter {
+            metadata: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Filter::default()
+        }
+    }
+
+    #[test]
+    fn common_pairs_that_rarely_meet_are_scanned_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let collection = tagged(dir.path(), 10_000);
+        let inner = &collection.inner;
+        let view = inner.slots.view();
+        let plan = |f: &Filter| inner.plan(&view, f);
+
+        // Each pair is common (about half the items, over the 4096 of
+        // `exact_scan_max_matches`); together they meet rarely or never.
+        let never = filter(&[("colour", "red"), ("tone", "dark")]);
+        assert!(matches!(plan(&never), Plan::Exact(ref slots) if slots.is_empty()));
+        let rare = filter(&[("size", "small"), ("band", "high")]);
+        assert!(matches!(plan(&rare), Plan::Exact(ref slots) if slots.len() == 100));
+        let quarter = filter(&[("colour", "red"), ("size", "large")]);
+        assert!(matches!(plan(&quarter), Plan::Exact(ref slots) if slots.len() == 2500));
+        let many = filter(&[("size", "large"), ("band", "high")]);
+        assert!(matches!(plan(&many), Plan::Graph { filtered: true }));
+        let half = filter(&[("colour", "red")]);
+        assert!(matches!(plan(&half), Plan::Graph { filtered: true }));
+
+        let query = [1.0; 8];
+        let request = |filter: Filter, exact: bool| SearchRequest {
+            vector: &query,
+            k: 5,
+            ef: None,
+            filter,
+            exact,
+        };
+        let hits = collection.search(&request(never, false)).unwrap();
+        assert!(hits.is_empty());
+        let planned = collection.search(&request(quarter.clone(), false)).unwrap();
+        let scanned = collection.search(&request(quarter, true)).unwrap();
+        assert_eq!(planned, scanned);
     }
 }

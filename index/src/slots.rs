@@ -183,20 +183,37 @@ impl Postings {
         best
     }
 
-    /// Slots of the rarest list of `wanted` (a superset of the matching slots).
-    pub fn candidates(&self, wanted: &BTreeMap<String, String>) -> Vec<u64> {
+    /// The slots carrying every pair of `wanted`, in slot order, when there are at most
+    /// `limit` of them; `None` when there are more. The two rarest lists are intersected in
+    /// order (std's `BTreeSet::intersection`, which searches the longer list when the shorter
+    /// is much shorter), each common slot is looked up in the other lists, and the walk stops
+    /// at the first match past `limit`. Empty for an empty `wanted`.
+    pub fn matching(&self, wanted: &BTreeMap<String, String>, limit: usize) -> Option<Vec<u64>> {
         let lists = self.lists.read();
-        let mut best: Option<&BTreeSet<u64>> = None;
+        let mut sets = Vec::with_capacity(wanted.len());
         for (key, value) in wanted {
             let Some(slots) = lists.get(key).and_then(|values| values.get(value)) else {
-                return Vec::new();
+                return Some(Vec::new());
             };
-            if best.is_none_or(|b| slots.len() < b.len()) {
-                best = Some(slots);
+            sets.push(slots);
+        }
+        sets.sort_unstable_by_key(|slots| slots.len());
+        let (common, others): (Box<dyn Iterator<Item = &u64>>, _) = match sets[..] {
+            [] => return Some(Vec::new()),
+            [only] => (Box::new(only.iter()), &[][..]),
+            [rarest, next, ..] => (Box::new(rarest.intersection(next)), &sets[2..]),
+        };
+
+        let mut found = Vec::new();
+        for &slot in common {
+            if others.iter().all(|slots| slots.contains(&slot)) {
+                if found.len() == limit {
+                    return None;
+                }
+                found.push(slot);
             }
         }
-        best.map(|slots| slots.iter().copied().collect())
-            .unwrap_or_default()
+        Some(found)
     }
 }
 
@@ -241,9 +258,50 @@ mod tests {
         postings.add(10, &rare);
 
         assert_eq!(postings.estimate(&common), Some(11));
-        assert_eq!(postings.candidates(&rare), vec![10]);
+        assert_eq!(postings.matching(&rare, usize::MAX), Some(vec![10]));
         postings.remove(10, &rare);
         assert_eq!(postings.estimate(&rare), Some(0));
         assert_eq!(postings.estimate(&BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn matching_intersects_the_lists_up_to_a_limit() {
+        let postings = Postings::default();
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        for slot in 0..100u64 {
+            let colour = if slot % 2 == 0 { "red" } else { "blue" };
+            let size = if slot < 50 { "small" } else { "large" };
+            let album = if slot % 10 == 3 { "x" } else { "y" };
+            let pairs = [
+                pair("colour", colour),
+                pair("size", size),
+                pair("album", album),
+            ];
+            postings.add(slot, &BTreeMap::from(pairs));
+        }
+        let wanted = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| pair(k, v)).collect()
+        };
+
+        let red_small = wanted(&[("colour", "red"), ("size", "small")]);
+        let all: Vec<u64> = (0..50).step_by(2).collect();
+        assert_eq!(postings.matching(&red_small, 25), Some(all.clone()));
+        assert_eq!(
+            postings.matching(&red_small, 24),
+            None,
+            "one past the limit"
+        );
+        assert_eq!(postings.matching(&red_small, usize::MAX), Some(all));
+
+        let disjoint = wanted(&[("colour", "red"), ("album", "x")]);
+        assert_eq!(postings.matching(&disjoint, 0), Some(vec![]));
+        let three = wanted(&[("colour", "blue"), ("size", "large"), ("album", "x")]);
+        assert_eq!(
+            postings.matching(&three, 10),
+            Some(vec![53, 63, 73, 83, 93])
+        );
+        let unknown = wanted(&[("colour", "red"), ("size", "huge")]);
+        assert_eq!(postings.matching(&unknown, 0), Some(vec![]));
+        assert_eq!(postings.matching(&BTreeMap::new(), 0), Some(vec![]));
     }
 }
