@@ -2,15 +2,18 @@
 //!
 //! Queries, keys and values are read in place from the projection outputs (B, L, H·d), so
 //! packed q/k/v slices and a key/value source of batch 1 shared by every query row need no
-//! copy. Each (batch, head) pair is one rayon task: scores `scale · q kᵀ` into a per-thread
-//! buffer, the additive mask, a row softmax ([`super::vmath::softmax`]), then `p v` written
-//! into its columns of the (B, Lq, H·d) output. Compared with composed tensor ops this avoids
-//! the head-split and transpose copies and the (B, H, Lq, Lk) score and probability tensors.
+//! head-split or broadcast copy. Each (batch, head) pair is one rayon task: scores
+//! `scale · q kᵀ` into a per-thread buffer, the additive mask, a row softmax
+//! ([`super::vmath::softmax`]), then `p v` written into its columns of the (B, Lq, H·d)
+//! output. Compared with composed tensor ops this avoids the head-split and transpose copies
+//! and the (B, H, Lq, Lk) score and probability tensors.
 //!
 //! The two products run in the precision of the model's linear layers ([`Products`]): in f32
 //! on the `gemm` crate, single-threaded inside the task, or in bf16 on the kernels of
-//! [`super::bf16`] (the AMX tile unit where the CPU has one), with keys and values packed
-//! per head like weight panels ([`super::bf16::attend_head`]).
+//! [`super::bf16`] (the AMX tile unit where the CPU has one). In bf16 each head's keys and
+//! values are rounded and packed like weight panels ([`super::bf16::PackedHead`]): once per
+//! head before the tasks when every batch entry shares them (one image against many texts),
+//! otherwise inside each task.
 //!
 //! TODO(attention-speed): the f32 products stay on the `gemm` crate. On a 2-core AVX2 CPU they
 //! take about 11 % of a ViT-B/16 forward at the same FLOP rate as the packed linear kernel,
@@ -27,7 +30,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::bf16::{self, HeadBuffers, Rows};
+use super::bf16::{self, HeadBuffers, PackedHead, Rows};
 use super::nn::Linear;
 
 /// The arithmetic of the two attention products.
@@ -66,7 +69,8 @@ pub fn fused_attention(
     products: Products,
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    if products == Products::Bf16 && !bf16::available() {
+    // Unit tests run the bf16 wiring on emulated products where the CPU lacks the kernels.
+    if products == Products::Bf16 && !bf16::available() && !cfg!(test) {
         return Err(candle_core::Error::Msg(
             "bf16 attention on a CPU without avx512_bf16".into(),
         ));
@@ -240,41 +244,80 @@ struct Scratch {
     scores: Vec<f32>,
     /// Operands and results of one head in bf16.
     bf16: HeadBuffers,
+    /// Keys and values of one (batch, head) pair in bf16, when they are not shared.
+    packed: PackedHead,
 }
 
 impl Attend {
-    /// One (batch, head) pair into its block of `dst`, in the precision of `self.products`.
+    /// One (batch, head) pair into its block of `dst`, in the precision of `self.products`;
+    /// `shared` holds each head's packed keys and values when every batch entry uses the same
+    /// (bf16 only), and is empty otherwise.
     ///
     /// # Safety
     /// The views were checked by [`View::new`] for the batch count; `dst` points to a
     /// (B, Lq, W) buffer whose block for (`b`, `h`) no other thread writes.
-    unsafe fn head(&self, qkv: [&View; 3], task: (usize, usize), dst: &SharedOut, s: &mut Scratch) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match self.products {
-                Products::F32 => self.head_f32(qkv, task, dst, &mut s.scores),
-                Products::Bf16 => self.head_bf16(qkv, task, dst, &mut s.bf16),
+    unsafe fn head(
+        &self,
+        qkv: [&View; 3],
+        task: (usize, usize),
+        dst: &SharedOut,
+        s: &mut Scratch,
+        shared: &[PackedHead],
+    ) {
+        let [_, k, v] = qkv;
+        let (b, h) = task;
+        let head = match (self.products, shared.get(h)) {
+            (Products::F32, _) => {
+                // SAFETY: forwarded from the caller.
+                return unsafe { self.head_f32(qkv, task, dst, &mut s.scores) };
             }
-        }
+            (Products::Bf16, Some(head)) => head,
+            (Products::Bf16, None) => {
+                let hd = self.width / self.heads;
+                s.packed.pack(k.rows(b, h * hd, hd), v.rows(b, h * hd, hd));
+                &s.packed
+            }
+        };
+        let mask = self.mask.as_ref().map(|m| &m[b * k.len..][..k.len]);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.head_bf16(qkv[0], (head, mask), task, dst, &mut s.bf16) }
     }
 
-    /// [`Self::head`] in bf16: the context from [`bf16::attend_head`] copied into `dst`.
+    /// Each head's keys and values packed for bf16, when every batch entry shares them
+    /// (keys and values of batch 1); empty otherwise, and in f32.
+    fn shared_heads(&self, k: &View, v: &View) -> Vec<PackedHead> {
+        if self.products != Products::Bf16 || k.batch != 0 {
+            return Vec::new();
+        }
+        let hd = self.width / self.heads;
+        (0..self.heads)
+            .into_par_iter()
+            .map(|h| {
+                let mut head = PackedHead::default();
+                head.pack(k.rows(0, h * hd, hd), v.rows(0, h * hd, hd));
+                head
+            })
+            .collect()
+    }
+
+    /// [`Self::head`] in bf16 on `head`'s packed keys and values with the batch entry's
+    /// `mask`: the context from [`bf16::attend_head`] copied into `dst`.
     ///
     /// # Safety
     /// As for [`Self::head`].
     unsafe fn head_bf16(
         &self,
-        [q, k, v]: [&View; 3],
+        q: &View,
+        (head, mask): (&PackedHead, Option<&[f32]>),
         (b, h): (usize, usize),
         dst: &SharedOut,
         buffers: &mut HeadBuffers,
     ) {
-        let (lq, lk, w) = (q.len, k.len, self.width);
+        let (lq, w) = (q.len, self.width);
         let hd = w / self.heads;
         let col = h * hd;
-        let qkv = [q.rows(b, col, hd), k.rows(b, col, hd), v.rows(b, col, hd)];
-        let mask = self.mask.as_ref().map(|m| &m[b * lk..][..lk]);
-        let context = bf16::attend_head(qkv, 1.0 / (hd as f32).sqrt(), mask, buffers);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let context = bf16::attend_head(q.rows(b, col, hd), head, scale, mask, buffers);
         for (i, row) in context.chunks_exact(hd).enumerate() {
             // SAFETY: row i of batch b, columns col..col + hd, is inside the (B, Lq, W)
             // output and belongs to this task alone.
@@ -381,13 +424,14 @@ impl CustomOp3 for Attend {
         let lq = q.len;
         let mut out = vec![0f32; batches * lq * self.width];
         let dst = SharedOut(out.as_mut_ptr());
+        let shared = self.shared_heads(&k, &v);
         (0..batches * self.heads).into_par_iter().for_each_init(
             Scratch::default,
             |scratch, task| {
                 let task = (task / self.heads, task % self.heads);
                 // SAFETY: the views were checked for `batches`; each task writes its own
                 // (batch, head) block of `out`, which outlives the loop.
-                unsafe { self.head([&q, &k, &v], task, &dst, scratch) };
+                unsafe { self.head([&q, &k, &v], task, &dst, scratch, &shared) };
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((batches, lq, self.width))))
@@ -459,6 +503,50 @@ mod tests {
             fused_attention(&q, &k, &v, heads, Products::F32, None)?.expect("fused applies");
         let diff = max_diff(&fused, &composed(&q, &k, &v, heads, None));
         assert!(diff < 1e-5, "shared attention differs by {diff}");
+        Ok(())
+    }
+
+    /// bf16 products against f32 ones on the same operands: rounding moves outputs of size
+    /// about 1 by up to about 1e-2; a head or a mask row taken from the wrong place moves
+    /// them by far more.
+    fn assert_bf16_close(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) {
+        let run = |products| {
+            fused_attention(q, k, v, heads, products, mask)
+                .unwrap()
+                .expect("fused applies")
+        };
+        let diff = max_diff(&run(Products::Bf16), &run(Products::F32));
+        assert!(diff < 3e-2, "bf16 attention differs from f32 by {diff}");
+        assert!(diff > 0.0, "the bf16 products did not run");
+    }
+
+    #[test]
+    fn bf16_products_follow_f32_on_packed_views_with_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, l, w, heads) = (3, 40, 96, 3);
+        let qkv = Tensor::randn(0f32, 1.0, (b, l, 3 * w), &dev)?;
+        let [q, k, v] = [0, 1, 2].map(|i| qkv.narrow(2, i * w, w).unwrap());
+        let keep = Tensor::rand(0f32, 1.0, (b, l), &dev)?
+            .ge(0.3)?
+            .to_dtype(DType::F32)?;
+        let mask = ((keep.ones_like()? - keep)? * -10000.0)?.reshape((b, 1, 1, l))?;
+        assert_bf16_close(&q, &k, &v, heads, Some(&mask));
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_products_share_one_packing_of_batch_one_keys() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, lq, lk, w, heads) = (5, 7, 50, 64, 2);
+        let q = Tensor::randn(0f32, 1.0, (b, lq, w), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, lk, w), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, lk, w), &dev)?;
+        let keep = Tensor::rand(0f32, 1.0, (b, lk), &dev)?
+            .ge(0.2)?
+            .to_dtype(DType::F32)?;
+        let mask = ((keep.ones_like()? - keep)? * -10000.0)?.reshape((b, 1, 1, lk))?;
+        assert_bf16_close(&q, &k, &v, heads, Some(&mask));
+        assert_bf16_close(&q, &k, &v, heads, None);
         Ok(())
     }
 

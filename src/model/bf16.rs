@@ -65,7 +65,7 @@ pub fn available() -> bool {
 
 /// A weight matrix (out × in, as `nn.Linear` stores it) rounded to bf16 and packed for the
 /// kernel, with its optional f32 bias.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PackedBf16 {
     /// Panels of `NR` columns; in each, for every input pair `p`, `NR` columns × 2 values.
     panels: Vec<u16>,
@@ -85,7 +85,7 @@ impl PackedBf16 {
             let (panel, col) = (n / NR, n % NR);
             for (k, &w) in row.iter().enumerate() {
                 let at = ((panel * pairs + k / 2) * NR + col) * 2 + k % 2;
-                panels[at] = half::bf16::from_f32(w).to_bits();
+                panels[at] = to_bf16(w);
             }
         }
         Self {
@@ -93,6 +93,16 @@ impl PackedBf16 {
             bias,
             out_dim,
             in_dim,
+        }
+    }
+
+    /// A 0 × 0 weight, to be repacked.
+    fn empty() -> Self {
+        Self {
+            panels: Vec::new(),
+            bias: None,
+            out_dim: 0,
+            in_dim: 0,
         }
     }
 
@@ -114,13 +124,14 @@ impl PackedBf16 {
 /// Computes `epilogue(xs · Wᵀ + b)` for row-major `xs` (rows × in_dim) into a new row-major
 /// (rows × out_dim) vector.
 ///
-/// Panics (a caller bug, not input) when `xs` or the residual has the wrong length or
-/// [`available`] is false.
+/// Panics (a caller bug, not input) when `xs` or the residual has the wrong length, the
+/// weight has no inputs or [`available`] is false.
 pub fn matmul(xs: &[f32], rows: usize, w: &PackedBf16, epilogue: Epilogue) -> Vec<f32> {
     assert!(
         available(),
         "bf16 kernels called on a CPU without avx512_bf16"
     );
+    assert!(w.in_dim > 0, "a bf16 weight needs at least one input");
     assert_eq!(
         xs.len(),
         rows * w.in_dim,
@@ -177,8 +188,8 @@ unsafe fn matmul_with(
         // parallel loop.
         unsafe { (driver.run)(&a, w, &block, &sink) };
     });
-    // SAFETY: the blocks tile the rows × out_dim output and each driver wrote every value of
-    // its block (see `Sink::write`).
+    // SAFETY: the blocks tile the rows × out_dim output and the driver wrote every value of
+    // each block (see `Driver::run`).
     unsafe { out.set_len(len) };
     out
 }
@@ -193,7 +204,8 @@ pub fn prepare_tile_unit() {
     amx::usable();
 }
 
-/// Whether [`matmul`] runs `w` on the AMX tile unit: the CPU and kernel allow it and the
+/// Whether the bf16 kernels ([`matmul`], [`attend_head`]) run `w` on the AMX tile unit: the
+/// CPU and kernel allow it and the
 /// input width is a whole number of 32-input tile steps. The first call in a process makes
 /// the decision of [`prepare_tile_unit`] if nothing made it yet.
 pub fn uses_amx(w: &PackedBf16) -> bool {
@@ -205,6 +217,18 @@ pub fn uses_amx(w: &PackedBf16) -> bool {
 struct Block {
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
+}
+
+/// The bits of `v` rounded to bf16 (nearest even), as the AVX512-BF16 conversions give them:
+/// subnormal inputs become zero of the same sign (the instructions treat them as zero
+/// whatever the floating-point control register says).
+fn to_bf16(v: f32) -> u16 {
+    let v = if v.is_subnormal() {
+        0f32.copysign(v)
+    } else {
+        v
+    };
+    half::bf16::from_f32(v).to_bits()
 }
 
 /// Rounds row-major f32 rows to bf16 pairs: one u32 per input pair (first value in the low
@@ -233,7 +257,7 @@ fn round_row(src: &[f32], scale: f32, dst: &mut [u32]) {
 
 /// Scalar rounding of `scale · src` to bf16 pairs (round to nearest even).
 fn round_row_scalar(src: &[f32], scale: f32, dst: &mut [u32]) {
-    let round = |v: f32| half::bf16::from_f32(v * scale).to_bits() as u32;
+    let round = |v: f32| to_bf16(v * scale) as u32;
     for (d, pair) in dst.iter_mut().zip(src.chunks(2)) {
         *d = round(pair[0]) | (pair.get(1).map_or(0, |&v| round(v)) << 16);
     }
@@ -343,10 +367,9 @@ fn interleave(first: &[f32], second: Option<&[f32]>, dst: &mut [u16]) {
         // SAFETY: the CPU has the instructions; both rows hold NR values and `dst` 2·NR.
         return unsafe { x86::interleave(first, second, dst) };
     }
-    let round = |v: f32| half::bf16::from_f32(v).to_bits();
     for (c, &v) in first.iter().enumerate() {
-        dst[2 * c] = round(v);
-        dst[2 * c + 1] = second.map_or(0, |s| round(s[c]));
+        dst[2 * c] = to_bf16(v);
+        dst[2 * c + 1] = second.map_or(0, |s| to_bf16(s[c]));
     }
 }
 
@@ -369,7 +392,11 @@ fn round_into(src: Rows, scale: f32, pairs: usize, dst: &mut Vec<u32>) {
 /// of the parallel work items [`matmul`] gives it.
 #[derive(Clone, Copy)]
 struct Driver {
-    /// Computes one block and hands it to the sink; every value of the block is written.
+    /// Computes one block and hands every value of it to the sink. Its safety contract: the
+    /// CPU has the driver's instructions (for the tile unit also `w.in_dim` a multiple of 32
+    /// and the tile state granted: see [`uses_amx`]); `a` holds the block's rows rounded to
+    /// `w.pairs()` pairs each, padded to whole tiles of rows; the block lies within the
+    /// output behind the sink, which no other thread writes there.
     run: unsafe fn(&[u32], &PackedBf16, &Block, &Sink),
     /// Rows and columns of one work item.
     task: (usize, usize),
@@ -413,38 +440,93 @@ unsafe fn product(a: &[u32], rows: usize, w: &PackedBf16, out: &mut [f32], drive
     unsafe { (driver.run)(a, w, &block, &sink) }
 }
 
+/// The keys and values of one attention head, rounded to bf16 and packed for
+/// [`attend_head`]: keys as the rows of a weight, values as its columns, both reductions
+/// padded with zeros to whole tile steps. Heads whose keys and values serve several query
+/// sets (one image against many texts) are packed once and shared.
+#[derive(Debug, Clone)]
+pub struct PackedHead {
+    keys: PackedBf16,
+    values: PackedBf16,
+}
+
+impl Default for PackedHead {
+    fn default() -> Self {
+        Self {
+            keys: PackedBf16::empty(),
+            values: PackedBf16::empty(),
+        }
+    }
+}
+
+impl PackedHead {
+    /// Packs keys `k` and values `v` (Lk × d each), reusing the allocation.
+    ///
+    /// Panics (a caller bug) when the shapes disagree or are empty.
+    pub fn pack(&mut self, k: Rows, v: Rows) {
+        assert!(
+            k.rows == v.rows && k.cols == v.cols,
+            "k and v shapes disagree"
+        );
+        assert!(
+            k.rows > 0 && k.cols > 0,
+            "attention needs keys of positive width"
+        );
+        self.keys
+            .repack_rows(k, k.cols.next_multiple_of(amx::INPUTS));
+        self.values
+            .repack_columns(v, k.rows.next_multiple_of(amx::INPUTS));
+    }
+
+    /// Keys (and values) of the head.
+    fn len(&self) -> usize {
+        self.keys.out_dim
+    }
+
+    /// Width of a key (and of a value).
+    fn width(&self) -> usize {
+        self.values.out_dim
+    }
+}
+
 /// Buffers of [`attend_head`], kept by a thread across heads so that their memory is reused.
 #[derive(Debug, Default)]
 pub struct HeadBuffers {
     queries: Vec<u32>,
-    keys: PackedBf16,
-    values: PackedBf16,
     scores: Vec<f32>,
     probs: Vec<u32>,
     context: Vec<f32>,
 }
 
 /// One attention head in bf16: `softmax(scale · q kᵀ + mask) v` for queries `q` (Lq × d),
-/// keys `k` and values `v` (Lk × d) and an additive `mask` of Lk values. The scaled queries,
-/// the keys, the probabilities and the values are rounded to bf16 (nearest even); products
-/// sum in f32 on the tile unit where [`uses_amx`] allows, otherwise on `vdpbf16ps`; the
-/// softmax runs in f32. Reductions are padded with zeros to multiples of 32 inputs. Returns
-/// the Lq × d context, row-major, held in `buffers`.
+/// the keys and values of `head` (Lk × d) and an additive `mask` of Lk values. The scaled
+/// queries and the probabilities are rounded to bf16 (nearest even) like the packed keys and
+/// values; products sum in f32 on the tile unit where [`uses_amx`] allows, otherwise on
+/// `vdpbf16ps`; the softmax runs in f32. Returns the Lq × d context, row-major, held in
+/// `buffers`.
 ///
-/// Panics (a caller bug) when [`available`] is false or the shapes disagree.
+/// Panics (a caller bug) when [`available`] is false or the shapes disagree. In the crate's
+/// unit tests on CPUs without the instructions, the products run on a scalar emulation of
+/// the drivers instead, so that callers' wiring is tested everywhere.
 pub fn attend_head<'b>(
-    qkv: [Rows; 3],
+    q: Rows,
+    head: &PackedHead,
     scale: f32,
     mask: Option<&[f32]>,
     buffers: &'b mut HeadBuffers,
 ) -> &'b [f32] {
+    #[cfg(test)]
+    if !available() {
+        // SAFETY: the emulated driver runs on any CPU.
+        return unsafe { attend_head_with(q, head, scale, mask, buffers, emulation::driver) };
+    }
     assert!(
         available(),
         "bf16 kernels called on a CPU without avx512_bf16"
     );
     // SAFETY: the CPU has the instructions of both drivers; `driver_for` picks the tile unit
     // only where it is usable for the weight at hand.
-    unsafe { attend_head_with(qkv, scale, mask, buffers, driver_for) }
+    unsafe { attend_head_with(q, head, scale, mask, buffers, driver_for) }
 }
 
 /// [`attend_head`] with the block driver chosen by `driver`.
@@ -452,45 +534,45 @@ pub fn attend_head<'b>(
 /// # Safety
 /// Every driver `driver` returns may run on this CPU for the weight it is given.
 unsafe fn attend_head_with<'b>(
-    [q, k, v]: [Rows; 3],
+    q: Rows,
+    head: &PackedHead,
     scale: f32,
     mask: Option<&[f32]>,
     buffers: &'b mut HeadBuffers,
     driver: fn(&PackedBf16) -> Driver,
 ) -> &'b [f32] {
-    assert!(
-        q.cols == k.cols && k.rows == v.rows,
-        "q, k and v shapes disagree"
-    );
-    assert!(
-        mask.is_none_or(|m| m.len() == k.rows),
-        "mask length must be Lk"
-    );
-    let (lq, lk) = (q.rows, k.rows);
+    let (lq, lk) = (q.rows, head.len());
+    assert_eq!(q.cols, head.width(), "queries and keys differ in width");
+    assert!(mask.is_none_or(|m| m.len() == lk), "mask length must be Lk");
     let b = buffers;
-    let width = q.cols.next_multiple_of(amx::INPUTS);
-    round_into(q, scale, width / 2, &mut b.queries);
-    b.keys.repack_rows(k, width);
+    round_into(q, scale, head.keys.pairs(), &mut b.queries);
     b.scores.resize(lq * lk, 0.0);
     // SAFETY: forwarded from the caller.
-    unsafe { product(&b.queries, lq, &b.keys, &mut b.scores, driver(&b.keys)) };
+    unsafe {
+        product(
+            &b.queries,
+            lq,
+            &head.keys,
+            &mut b.scores,
+            driver(&head.keys),
+        )
+    };
 
     b.scores
         .chunks_exact_mut(lk)
         .for_each(|row| super::vmath::softmax(row, mask));
-    let keys = lk.next_multiple_of(amx::INPUTS);
     let probs = Rows {
         data: &b.scores,
         rows: lq,
         cols: lk,
         stride: lk,
     };
-    round_into(probs, 1.0, keys / 2, &mut b.probs);
+    round_into(probs, 1.0, head.values.pairs(), &mut b.probs);
 
-    b.values.repack_columns(v, keys);
-    b.context.resize(lq * v.cols, 0.0);
+    b.context.resize(lq * q.cols, 0.0);
+    let values = &head.values;
     // SAFETY: forwarded from the caller.
-    unsafe { product(&b.probs, lq, &b.values, &mut b.context, driver(&b.values)) };
+    unsafe { product(&b.probs, lq, values, &mut b.context, driver(values)) };
     &b.context
 }
 
@@ -606,7 +688,8 @@ mod amx {
     ///
     /// # Safety
     /// [`usable`] is true and `w.in_dim` is a multiple of [`INPUTS`]; `a` holds the rows
-    /// rounded by [`super::round_rows`]; `block` lies within the matrix that `sink.dst`
+    /// rounded by [`super::round_rows`] or [`super::round_into`]; `block` lies within the
+    /// matrix that `sink.dst`
     /// points to and no other thread writes it.
     #[cfg(target_arch = "x86_64")]
     pub(super) unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
@@ -723,6 +806,55 @@ mod amx {
     }
 }
 
+/// A scalar emulation of the block drivers, so that tests exercise everything around them
+/// on any CPU.
+#[cfg(test)]
+mod emulation {
+    use super::{Block, Driver, PackedBf16, Sink, Span, NR};
+
+    /// The block drivers' arithmetic in scalar code: bf16 pairs multiplied and summed in f32,
+    /// one output row at a time.
+    ///
+    /// # Safety
+    /// As for the drivers: `block` lies within the output behind `sink.dst`.
+    pub(super) unsafe fn emulated_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
+        let pairs = w.pairs();
+        let wide = |x: u16| f32::from_bits((x as u32) << 16);
+        let mut tile = [0f32; NR];
+        for row in block.rows.clone() {
+            for col in block.cols.clone().step_by(NR) {
+                let panel = &w.panels[(col / NR) * pairs * NR * 2..][..pairs * NR * 2];
+                for (c, sum) in tile.iter_mut().enumerate() {
+                    *sum = (0..pairs).fold(0.0, |acc, p| {
+                        let (x, at) = (a[row * pairs + p], (p * NR + c) * 2);
+                        let acc = wide(x as u16).mul_add(wide(panel[at]), acc);
+                        wide((x >> 16) as u16).mul_add(wide(panel[at + 1]), acc)
+                    });
+                }
+                let span = Span {
+                    row,
+                    col,
+                    rows: 1,
+                    cols: (block.cols.end - col).min(NR),
+                };
+                // SAFETY: forwarded from the caller.
+                unsafe { sink.write(&tile, NR, &span) };
+            }
+        }
+    }
+
+    /// The emulated driver, with work items small enough that odd shapes split into several.
+    pub(super) const EMULATED: Driver = Driver {
+        run: emulated_block,
+        task: (16, 2 * NR),
+    };
+
+    /// Picks [`EMULATED`] for any weight.
+    pub(super) fn driver(_: &PackedBf16) -> Driver {
+        EMULATED
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -833,7 +965,7 @@ mod tests {
     use crate::model::nn::activation_value;
 
     fn bf16_round(v: f32) -> f32 {
-        half::bf16::from_f32(v).to_f32()
+        half::bf16::from_bits(to_bf16(v)).to_f32()
     }
 
     use crate::model::packed::testing::{operands, random};
@@ -935,11 +1067,27 @@ mod tests {
         let mut src = random(67, 8);
         src[3] = 1.0 + f32::EPSILON * 64.0;
         src[5] = -3.0e-3;
+        (src[6], src[7]) = (f32::from_bits(0x0040_0000), -f32::from_bits(3));
         let (mut fast, mut slow) = (vec![0u32; 34], vec![0u32; 34]);
         // SAFETY: the CPU check above passed.
         unsafe { x86::round_row(&src, 0.125, &mut fast) };
         round_row_scalar(&src, 0.125, &mut slow);
         assert_eq!(fast, slow);
+    }
+
+    #[test]
+    fn subnormals_round_to_zero_of_their_sign() {
+        let tiny = f32::from_bits(0x0040_0000);
+        assert_eq!(to_bf16(tiny), 0);
+        assert_eq!(to_bf16(-tiny), 0x8000);
+        assert_eq!(
+            to_bf16(f32::MIN_POSITIVE),
+            0x0080,
+            "the smallest normal stays"
+        );
+        let mut pair = [0u32];
+        round_row_scalar(&[tiny, 1.0], 1.0, &mut pair);
+        assert_eq!(pair[0], 0x3f80 << 16);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -949,13 +1097,13 @@ mod tests {
             eprintln!("skipped: this CPU has no avx512_bf16");
             return;
         }
-        let (first, second) = (random(NR, 11), random(NR, 12));
+        let (mut first, mut second) = (random(NR, 11), random(NR, 12));
+        (first[1], second[2]) = (f32::from_bits(0x0040_0000), -f32::from_bits(1));
         let (mut fast, mut slow) = (vec![0u16; 2 * NR], vec![0u16; 2 * NR]);
         // SAFETY: the CPU check above passed; both rows hold NR values.
         unsafe { x86::interleave(&first, &second, &mut fast) };
-        let round = |v: f32| half::bf16::from_f32(v).to_bits();
         for c in 0..NR {
-            (slow[2 * c], slow[2 * c + 1]) = (round(first[c]), round(second[c]));
+            (slow[2 * c], slow[2 * c + 1]) = (to_bf16(first[c]), to_bf16(second[c]));
         }
         assert_eq!(fast, slow);
     }
@@ -982,7 +1130,7 @@ mod tests {
 
     #[test]
     fn repacked_rows_and_columns_equal_packing_the_padded_matrix() {
-        let mut packed = PackedBf16::default();
+        let mut packed = PackedBf16::empty();
         for (rows, cols, stride, in_pad) in [(45, 24, 72, 32), (33, 64, 192, 64), (7, 3, 3, 4)] {
             let (data, compact) = strided(rows, cols, stride, rows as u64);
             let src = rows_of(&data, rows, cols, stride);
@@ -1025,43 +1173,6 @@ mod tests {
         }
     }
 
-    /// The block drivers' arithmetic in scalar code: bf16 pairs multiplied and summed in f32,
-    /// one output row at a time.
-    ///
-    /// # Safety
-    /// As for the drivers: `block` lies within the output behind `sink.dst`.
-    unsafe fn emulated_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
-        let pairs = w.pairs();
-        let wide = |x: u16| f32::from_bits((x as u32) << 16);
-        let mut tile = [0f32; NR];
-        for row in block.rows.clone() {
-            for col in block.cols.clone().step_by(NR) {
-                let panel = &w.panels[(col / NR) * pairs * NR * 2..][..pairs * NR * 2];
-                for (c, sum) in tile.iter_mut().enumerate() {
-                    *sum = (0..pairs).fold(0.0, |acc, p| {
-                        let (x, at) = (a[row * pairs + p], (p * NR + c) * 2);
-                        let acc = wide(x as u16).mul_add(wide(panel[at]), acc);
-                        wide((x >> 16) as u16).mul_add(wide(panel[at + 1]), acc)
-                    });
-                }
-                let span = Span {
-                    row,
-                    col,
-                    rows: 1,
-                    cols: (block.cols.end - col).min(NR),
-                };
-                // SAFETY: forwarded from the caller.
-                unsafe { sink.write(&tile, NR, &span) };
-            }
-        }
-    }
-
-    /// The emulated driver, with work items small enough that odd shapes split into several.
-    const EMULATED: Driver = Driver {
-        run: emulated_block,
-        task: (16, 2 * NR),
-    };
-
     #[test]
     fn parallel_blocks_cover_the_output_with_emulated_products() {
         for (rows, n, k) in [(41, 129, 130), (100, 70, 64), (1, 1, 1), (16, 64, 3)] {
@@ -1073,7 +1184,7 @@ mod tests {
                 residual: Some(&res),
             };
             // SAFETY: the emulated driver runs on any CPU; the lengths fit the shape.
-            let got = unsafe { matmul_with(&xs, rows, &packed, epilogue, EMULATED) };
+            let got = unsafe { matmul_with(&xs, rows, &packed, epilogue, emulation::EMULATED) };
             let want = reference(&xs, &w, &b, rows, n, k);
             for ((g, w), r) in got.iter().zip(&want).zip(&res) {
                 let w = activation_value(Activation::QuickGelu, *w) + r;
@@ -1113,9 +1224,12 @@ mod tests {
         out
     }
 
+    /// A packed head and buffers, kept from one checked head to the next.
+    type Reused = (PackedHead, HeadBuffers);
+
     /// Runs one head on strided q, k, v (as packed q/k/v projections lay them out) with a
-    /// mask and checks it against [`reference_head`], reusing `buffers` from earlier heads.
-    fn check_head(shape: (usize, usize, usize), buffers: &mut HeadBuffers, real: bool) {
+    /// mask and checks it against [`reference_head`], reusing what earlier heads left.
+    fn check_head(shape: (usize, usize, usize), reused: &mut Reused, real: bool) {
         let (lq, lk, d) = shape;
         let stride = 3 * d;
         let (q_data, q) = strided(lq, d, stride, 21);
@@ -1130,17 +1244,19 @@ mod tests {
         let mask: Vec<f32> = (0..lk)
             .map(|j| if j % 5 == 3 { -10000.0 } else { 0.0 })
             .collect();
-        let qkv = [
-            rows_of(&q_data, lq, d, stride),
+        let (head, buffers) = reused;
+        head.pack(
             rows_of(&kv_data[d..], lk, d, stride),
             rows_of(&kv_data[2 * d..], lk, d, stride),
-        ];
-        let scale = 1.0 / (d as f32).sqrt();
+        );
+        let (q_rows, scale) = (rows_of(&q_data, lq, d, stride), 1.0 / (d as f32).sqrt());
         let got = if real {
-            attend_head(qkv, scale, Some(&mask), buffers).to_vec()
+            attend_head(q_rows, head, scale, Some(&mask), buffers).to_vec()
         } else {
+            let emulated = emulation::driver;
             // SAFETY: the emulated driver runs on any CPU.
-            unsafe { attend_head_with(qkv, scale, Some(&mask), buffers, |_| EMULATED) }.to_vec()
+            unsafe { attend_head_with(q_rows, head, scale, Some(&mask), buffers, emulated) }
+                .to_vec()
         };
         let want = reference_head(&q, &k, &v, d, &mask);
         let diff = got
@@ -1154,9 +1270,15 @@ mod tests {
 
     #[test]
     fn attention_head_matches_the_rounded_reference_with_emulated_products() {
-        let mut buffers = HeadBuffers::default();
-        for shape in [(37, 45, 24), (70, 577, 64), (1, 3, 8), (33, 64, 32)] {
-            check_head(shape, &mut buffers, false);
+        let mut reused = Reused::default();
+        for shape in [
+            (37, 45, 24),
+            (70, 577, 64),
+            (1, 3, 8),
+            (33, 64, 32),
+            (2, 1, 1),
+        ] {
+            check_head(shape, &mut reused, false);
         }
     }
 
@@ -1166,9 +1288,15 @@ mod tests {
             eprintln!("skipped: this CPU has no avx512_bf16");
             return;
         }
-        let mut buffers = HeadBuffers::default();
-        for shape in [(37, 45, 24), (577, 577, 64), (1, 3, 8), (33, 64, 32)] {
-            check_head(shape, &mut buffers, true);
+        let mut reused = Reused::default();
+        for shape in [
+            (37, 45, 24),
+            (577, 577, 64),
+            (1, 3, 8),
+            (33, 64, 32),
+            (2, 1, 1),
+        ] {
+            check_head(shape, &mut reused, true);
         }
     }
 }

@@ -61,8 +61,9 @@ struct Precision {
 }
 
 /// Chooses the [`Precision`] for `dtype` on `device`. On the CPU, bf16 means bf16 linear
-/// weights with f32 activations, and attention products on bf16-rounded operands (the
-/// AVX512-BF16 and AMX kernels in [`bf16`]); it is refused when the
+/// weights with f32 activations, and the products of the fused attention kernel on
+/// bf16-rounded operands (the AVX512-BF16 and AMX kernels in [`bf16`]; the decoder's causal
+/// self-attention and its cached decoding steps stay f32); it is refused when the
 /// CPU lacks those instructions, and f16 is refused (no f16 kernel: without AVX512-FP16 it
 /// could not beat f32). f32 uses the packed f32 kernel ([`sgemm`]) where the CPU has one.
 /// Other devices compute in `dtype` throughout.
@@ -336,8 +337,9 @@ impl Mplug {
 
     /// Moves every linear layer (not embeddings or the patch embedding) to the packed bf16
     /// kernel: weights rounded to bf16 once, activations stay f32 and are rounded per call,
-    /// sums accumulate in f32. The attention products of layers whose projections are packed
-    /// then run on the bf16 kernels too ([`attend::Products`]). [`Self::load`] does this for
+    /// sums accumulate in f32. The attention products that take the fused kernel (all but the
+    /// decoder's causal self-attention and its cached decoding steps) then run on the bf16
+    /// kernels too ([`attend::Products`]). [`Self::load`] does this for
     /// `DType::BF16` on the CPU. Errors with [`Error::UnsupportedDtype`] when the CPU lacks
     /// avx512_bf16 or the model is not f32 on the CPU.
     pub fn pack_bf16(&mut self) -> Result<()> {
