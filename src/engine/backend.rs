@@ -9,7 +9,7 @@ use half::f16;
 
 use crate::Result;
 
-/// A decoded RGB image, ready for the model's resize and normalisation.
+/// A decoded RGB image, at the model's resolution once a backend has decoded it.
 pub type RgbImage = image::RgbImage;
 
 /// Facts about the loaded model that the service reports and validates against.
@@ -110,7 +110,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Decodes encoded image bytes to RGB: checks the header's pixel count before
     /// decoding (`Error::ImageTooLarge`), applies EXIF orientation, converts any colour
-    /// type. `Error::ImageDecode` for bytes that are not a supported image.
+    /// type, and returns the image at the size the model encodes (the full-resolution pixels
+    /// are not kept), so that decoded images waiting for the model cost little memory.
+    /// `Error::ImageDecode` for bytes that are not a supported image.
     fn decode_image(&self, bytes: &[u8]) -> Result<RgbImage>;
 
     /// Encodes a batch of images into ITC vectors and vision token sequences.

@@ -206,7 +206,7 @@ impl Backend for MplugBackend {
     }
 
     fn decode_image(&self, bytes: &[u8]) -> Result<RgbImage> {
-        self.preprocessor.decode(bytes)
+        self.preprocessor.load(bytes)
     }
 
     fn encode_images(&self, images: &[RgbImage]) -> Result<Vec<ImageEncoding>> {

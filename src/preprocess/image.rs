@@ -84,6 +84,15 @@ impl ImagePreprocessor {
         Ok(img.to_rgb8())
     }
 
+    /// [`Self::decode`], then [`Self::resize`] to the model's resolution: what a service keeps
+    /// of an image between decoding and encoding. The full-resolution pixels live only for
+    /// the length of this call, so an image held in a queue costs R × R × 3 bytes whatever
+    /// its size. Errors as for [`Self::decode`].
+    pub fn load(&self, bytes: &[u8]) -> Result<RgbImage> {
+        let decoded = self.decode(bytes)?;
+        Ok(self.resize(&decoded))
+    }
+
     fn check_size(&self, (width, height): (u32, u32)) -> Result<()> {
         if width as u64 * height as u64 > self.max_pixels {
             return Err(Error::ImageTooLarge {
@@ -99,20 +108,28 @@ impl ImagePreprocessor {
         Ok(())
     }
 
-    /// Squashes to `resolution × resolution` with Pillow's bicubic resampler.
+    /// Squashes to `resolution × resolution` with Pillow's bicubic resampler; an image that
+    /// already has that size is returned unchanged, as Pillow's `resize` does.
     pub fn resize(&self, img: &RgbImage) -> RgbImage {
         let r = self.resolution;
+        if img.dimensions() == (r, r) {
+            return img.clone();
+        }
         resize_bicubic(img, r, r)
     }
 
-    /// Resizes each image and stacks them into a (B, 3, R, R) f32 tensor normalised with
+    /// Resizes each image (those of the resolution already, e.g. from [`Self::load`], are
+    /// taken as they are) and stacks them into a (B, 3, R, R) f32 tensor normalised with
     /// [`CLIP_MEAN`] / [`CLIP_STD`].
     pub fn to_tensor(&self, images: &[RgbImage], device: &Device) -> Result<Tensor> {
-        let r = self.resolution as usize;
+        let (r, side) = (self.resolution as usize, self.resolution);
         let mut data = Vec::with_capacity(images.len() * 3 * r * r);
         for img in images {
-            let resized = self.resize(img);
-            data.extend(normalise(&resized));
+            if img.dimensions() == (side, side) {
+                data.extend(normalise(img));
+            } else {
+                data.extend(normalise(&self.resize(img)));
+            }
         }
         Ok(Tensor::from_vec(data, (images.len(), 3, r, r), device)?)
     }
@@ -265,6 +282,39 @@ mod tests {
 
     fn gradient() -> RgbImage {
         RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 200]))
+    }
+
+    #[test]
+    fn load_keeps_only_the_model_resolution_and_encodes_like_the_full_image() {
+        let pre = ImagePreprocessor::new(8);
+        let big = RgbImage::from_fn(301, 177, |x, y| {
+            image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8])
+        });
+        let bytes = encode(&DynamicImage::ImageRgb8(big.clone()), ImageFormat::Png);
+
+        let loaded = pre.load(&bytes).unwrap();
+        assert_eq!(loaded.dimensions(), (8, 8));
+        assert_eq!(loaded, pre.resize(&big));
+        let dev = Device::Cpu;
+        let from_loaded = pre.to_tensor(&[loaded], &dev).unwrap();
+        let from_full = pre.to_tensor(&[big], &dev).unwrap();
+        let diff = (from_loaded - from_full)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn resizing_to_the_same_size_keeps_every_pixel() {
+        let pre = ImagePreprocessor::new(6);
+        let square = RgbImage::from_fn(6, 6, |x, y| image::Rgb([x as u8 * 40, y as u8, 9]));
+        assert_eq!(pre.resize(&square), square);
+        assert_eq!(resize_bicubic(&square, 6, 6), square, "Pillow's filter is exact at 1:1");
     }
 
     #[test]
