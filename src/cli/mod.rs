@@ -384,8 +384,10 @@ pub struct SearchArgs {
     /// Candidates to rerank (0 = server default).
     #[arg(long, env = "MPLUG_SEARCH_RERANK_K", default_value_t = 0)]
     pub rerank_k: u32,
-    /// Metadata filter `key=value` (repeatable; all must match).
-    #[arg(long, env = "MPLUG_SEARCH_FILTER", value_delimiter = ',')]
+    /// Metadata filter `key=value`: the key ends at the first `=`, and the value is the rest,
+    /// commas included. Repeat the flag for several pairs (all must match); the environment
+    /// variable holds one pair.
+    #[arg(long, env = "MPLUG_SEARCH_FILTER")]
     pub filter: Vec<String>,
     /// Connection flags.
     #[command(flatten)]
@@ -454,6 +456,23 @@ mod tests {
             panic!("expected serve");
         };
         assert!(args.settings().is_ok());
+    }
+
+    #[test]
+    fn filter_values_keep_their_commas() {
+        let cli = Cli::parse_from([
+            "mplug-search",
+            "search",
+            "red",
+            "--filter",
+            "path=x,y.png",
+            "--filter",
+            "shape=circle",
+        ]);
+        let Command::Search(args) = cli.command else {
+            panic!("expected search");
+        };
+        assert_eq!(args.filter, ["path=x,y.png", "shape=circle"]);
     }
 
     impl Cli {
