@@ -378,8 +378,13 @@ pub struct SearchArgs {
     /// Number of hits.
     #[arg(long, short, env = "MPLUG_SEARCH_K", default_value_t = 10)]
     pub k: u32,
-    /// Rerank candidates with the ITM head.
-    #[arg(long, env = "MPLUG_SEARCH_RERANK")]
+    /// Rerank candidates with the ITM head. The environment variable takes the usual
+    /// spellings of a boolean (`1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_RERANK",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub rerank: bool,
     /// Candidates to rerank (0 = server default).
     #[arg(long, env = "MPLUG_SEARCH_RERANK_K", default_value_t = 0)]
@@ -473,6 +478,17 @@ mod tests {
             panic!("expected search");
         };
         assert_eq!(args.filter, ["path=x,y.png", "shape=circle"]);
+    }
+
+    #[test]
+    fn boolean_flags_take_the_usual_spellings() {
+        for (spelling, expected) in [("1", true), ("yes", true), ("0", false), ("off", false)] {
+            let cli = Cli::parse_from(["mplug-search", "train", "--f16", spelling]);
+            let Command::Train(args) = cli.command else {
+                panic!("expected train");
+            };
+            assert_eq!(args.f16, expected, "--f16 {spelling}");
+        }
     }
 
     impl Cli {

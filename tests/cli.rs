@@ -1,0 +1,65 @@
+//! The `mplug-search` command run as a process against a server on 127.0.0.1: search
+//! filters keep their commas, and boolean environment values take the usual spellings.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{serve, settings, shape_png};
+
+/// The command with `args`, `--server` pointing at `addr`, and no `MPLUG_*` variables
+/// inherited from the environment running the tests.
+fn mplug_search(addr: SocketAddr, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mplug-search"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MPLUG_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .args(args)
+        .args(["--server", &format!("http://{addr}")])
+        .env("MPLUG_SEARCH_LOG", "warn");
+    command
+}
+
+fn run(mut command: Command) -> (Output, String, String) {
+    let output = command.output().expect("the command runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output, stdout, stderr)
+}
+
+fn write_images(dir: &Path, names: &[&str]) {
+    for (seed, name) in names.iter().enumerate() {
+        std::fs::write(dir.join(name), shape_png(32, [200, 30, 30], seed as u32))
+            .expect("image written");
+    }
+}
+
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_filter_values_keep_commas_and_rerank_reads_1_from_the_environment() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(data.path(), None)).await;
+    let photos = tempfile::tempdir().expect("temp dir");
+    write_images(photos.path(), &["x,y.png", "z.png"]);
+    let dir = photos.path().to_str().expect("temp paths are UTF-8");
+    let (output, _, stderr) = run(mplug_search(server.addr, &["index", dir]));
+    assert!(output.status.success(), "{stderr}");
+
+    let mut search = mplug_search(server.addr, &["search", "red", "--filter", "path=x,y.png"]);
+    search.env("MPLUG_SEARCH_RERANK", "1");
+    let (output, stdout, stderr) = run(search);
+    assert!(output.status.success(), "{stderr}");
+    let hits: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a hit is JSON"))
+        .collect();
+    assert_eq!(hits.len(), 1, "{stdout}");
+    assert_eq!(hits[0]["id"], "x,y.png");
+    assert!(hits[0]["itm_score"].is_number(), "not reranked: {stdout}");
+    server.shutdown().await.expect("clean shutdown");
+}
