@@ -318,7 +318,8 @@ fn stats_json(stats: &proto::StatsResponse) -> serde_json::Value {
 }
 
 /// Image files under `dir`, sorted, with their ids (relative paths with `/`), and the number
-/// of entries that could not be read (each reported on stderr).
+/// of entries that could not be read or named (each reported on stderr). A path whose part
+/// under `dir` is not valid UTF-8 has no lossless id, so it is reported and skipped.
 fn image_files(dir: &Path) -> (Vec<(std::path::PathBuf, String)>, u64) {
     let (mut files, mut unreadable) = (Vec::new(), 0);
     for entry in walkdir::WalkDir::new(dir)
@@ -345,10 +346,15 @@ fn image_files(dir: &Path) -> (Vec<(std::path::PathBuf, String)>, u64) {
         let Ok(relative) = entry.path().strip_prefix(dir) else {
             continue;
         };
-        let id: Vec<String> = relative
+        let id: Option<Vec<&str>> = relative
             .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .map(|c| c.as_os_str().to_str())
             .collect();
+        let Some(id) = id else {
+            eprintln!("{}: file name is not valid UTF-8", entry.path().display());
+            unreadable += 1;
+            continue;
+        };
         files.push((entry.path().to_owned(), id.join("/")));
     }
     (files, unreadable)

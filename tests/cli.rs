@@ -1,5 +1,6 @@
-//! The `mplug-search` command run as a process against a server on 127.0.0.1: search
-//! filters keep their commas, and boolean environment values take the usual spellings.
+//! The `mplug-search` command run as a process against a server on 127.0.0.1: `index` reports
+//! bad files and goes on, search filters keep their commas, and boolean environment values
+//! take the usual spellings.
 
 mod common;
 
@@ -39,6 +40,38 @@ fn write_images(dir: &Path, names: &[&str]) {
     }
 }
 
+/// The summary line `index` prints on stdout, parsed.
+fn summary(stdout: &str) -> serde_json::Value {
+    let line = stdout.lines().last().expect("a summary line");
+    serde_json::from_str(line).expect("the summary is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_skips_file_names_that_are_not_utf8_instead_of_merging_them() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(data.path(), None)).await;
+    let photos = tempfile::tempdir().expect("temp dir");
+    write_images(photos.path(), &["b.png"]);
+    for (seed, name) in [b"a\xff.png", b"a\xfe.png"].into_iter().enumerate() {
+        let path = photos.path().join(OsStr::from_bytes(name));
+        std::fs::write(path, shape_png(32, [30, 30, 200], seed as u32)).expect("written");
+    }
+    let dir = photos.path().to_str().expect("temp paths are UTF-8");
+
+    let (output, stdout, stderr) = run(mplug_search(server.addr, &["index", dir]));
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let reported = stderr.matches(": file name is not valid UTF-8").count();
+    assert_eq!(reported, 2, "{stderr}");
+    assert_eq!(
+        summary(&stdout),
+        serde_json::json!({"INGEST_STATUS_INDEXED": 1}),
+        "{stderr}"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_filter_values_keep_commas_and_rerank_reads_1_from_the_environment() {
