@@ -1,6 +1,7 @@
 //! The `mplug-search` command: serve, index a directory, search, caption, ask, embed, stats.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -27,6 +28,31 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "gif"];
 
 fn main() -> anyhow::Result<()> {
+    match run_cli() {
+        Err(error) if error.chain().any(|cause| cause.is::<StdoutClosed>()) => Ok(()),
+        outcome => outcome,
+    }
+}
+
+/// The reader of stdout went away (`mplug-search stats | head -2`): the command stops
+/// quietly and exits with status 0, as a command that finished its output would.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+struct StdoutClosed;
+
+/// Writes `text` and a newline to stdout.
+///
+/// # Errors
+/// [`StdoutClosed`] when the reader of stdout has gone away; any other write error as it is.
+fn print_line(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        written => written.context("cannot write to stdout"),
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
     mplug_search::model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter =
@@ -39,8 +65,7 @@ fn main() -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Train(args) => return train(&args),
         Command::Eval(args) => {
-            println!("{}", run_eval(&args).context("evaluation failed")?);
-            return Ok(());
+            return print_line(run_eval(&args).context("evaluation failed")?);
         }
         command => command,
     };
@@ -64,15 +89,14 @@ fn readable_status(error: anyhow::Error) -> anyhow::Error {
 fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let summary = run_train(args).context("training failed")?;
     let [itc, itm, caption, vqa] = summary.final_losses;
-    println!(
+    print_line(format_args!(
         "trained {} parameters for {} steps in {:.0} s; final losses itc {itc:.4} itm {itm:.4} \
          caption {caption:.4} vqa {vqa:.4}; wrote {}",
         summary.parameters,
         summary.steps,
         summary.seconds,
         summary.out.display()
-    );
-    Ok(())
+    ))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -87,9 +111,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 params: None,
             };
             with_client(&args.client, |mut client| async move {
-                let answer = client.caption(request).await?.into_inner();
-                println!("{}", answer.text);
-                Ok(())
+                print_line(client.caption(request).await?.into_inner().text)
             })
             .await
         }
@@ -101,8 +123,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 params: None,
             };
             with_client(&args.client, |mut client| async move {
-                println!("{}", client.ask(request).await?.into_inner().text);
-                Ok(())
+                print_line(client.ask(request).await?.into_inner().text)
             })
             .await
         }
@@ -111,8 +132,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Stats(args) => {
             with_client(&args, |mut client| async move {
                 let stats = client.stats(proto::StatsRequest {}).await?.into_inner();
-                println!("{}", serde_json::to_string_pretty(&stats_json(&stats))?);
-                Ok(())
+                print_line(serde_json::to_string_pretty(&stats_json(&stats))?)
             })
             .await
         }
@@ -262,7 +282,7 @@ async fn search(args: SearchArgs) -> anyhow::Result<()> {
                 "itm_score": hit.itm_score,
                 "metadata": hit.metadata,
             });
-            println!("{line}");
+            print_line(line)?;
         }
         Ok(())
     })
@@ -285,8 +305,7 @@ async fn embed(args: mplug_search::cli::EmbedArgs) -> anyhow::Result<()> {
             (None, Some(text)) => client.embed_text(proto::EmbedTextRequest { text }).await?,
             (None, None) => bail!("give --image FILE or --text TEXT"),
         };
-        println!("{}", serde_json::to_string(&answer.into_inner().vector)?);
-        Ok(())
+        print_line(serde_json::to_string(&answer.into_inner().vector)?)
     })
     .await
 }
@@ -433,7 +452,11 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
         progress.finish();
         let mut summary: Vec<_> = counts.into_iter().collect();
         summary.sort();
-        println!("{}", json!(summary.into_iter().collect::<HashMap<_, _>>()));
+        if let Err(error) = print_line(json!(summary.into_iter().collect::<HashMap<_, _>>())) {
+            if !error.is::<StdoutClosed>() {
+                return Err(error);
+            }
+        }
         Ok(())
     })
     .await?;

@@ -1,12 +1,13 @@
 //! The `mplug-search` command run as a process against a server on 127.0.0.1: `index` reports
-//! bad files and goes on, search filters keep their commas, and boolean environment values
-//! take the usual spellings.
+//! bad files and goes on, search filters keep their commas, boolean environment values take
+//! the usual spellings, and output commands stop quietly when the reader of their stdout
+//! goes away.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::{serve, settings, shape_png};
 
@@ -94,5 +95,32 @@ async fn search_filter_values_keep_commas_and_rerank_reads_1_from_the_environmen
     assert_eq!(hits.len(), 1, "{stdout}");
     assert_eq!(hits[0]["id"], "x,y.png");
     assert!(hits[0]["itm_score"].is_number(), "not reranked: {stdout}");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_commands_exit_quietly_when_stdout_is_closed() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(data.path(), None)).await;
+    let photos = tempfile::tempdir().expect("temp dir");
+    write_images(photos.path(), &["a.png", "b.png", "c.png"]);
+    let dir = photos.path().to_str().expect("temp paths are UTF-8");
+    let (output, _, stderr) = run(mplug_search(server.addr, &["index", dir]));
+    assert!(output.status.success(), "{stderr}");
+
+    for args in [
+        &["stats"][..],
+        &["search", "red"],
+        &["embed", "--text", "red"],
+    ] {
+        let mut command = mplug_search(server.addr, args);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the command starts");
+        drop(child.stdout.take());
+        let output = child.wait_with_output().expect("the command ends");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
     server.shutdown().await.expect("clean shutdown");
 }
