@@ -1,7 +1,7 @@
-//! The `mplug-search` command run as a process against a server on 127.0.0.1: `index` reports
-//! bad files and goes on, search filters keep their commas, boolean environment values take
-//! the usual spellings, and output commands stop quietly when the reader of their stdout
-//! goes away.
+//! The `mplug-search` command run as a process against a server on 127.0.0.1: `index` goes on
+//! past bad files and always prints its summary, search filters keep their commas, boolean
+//! environment values take the usual spellings, and output commands stop quietly when the
+//! reader of their stdout goes away.
 
 mod common;
 
@@ -47,6 +47,43 @@ fn summary(stdout: &str) -> serde_json::Value {
     serde_json::from_str(line).expect("the summary is JSON")
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_goes_on_past_a_file_over_the_server_message_limit() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(data.path(), None)).await;
+    let photos = tempfile::tempdir().expect("temp dir");
+    write_images(photos.path(), &["a.png", "c.png", "d.png"]);
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(photos.path().join("b_big.png"), big).expect("big file written");
+    let dir = photos.path().to_str().expect("temp paths are UTF-8");
+
+    let (output, stdout, stderr) = run(mplug_search(server.addr, &["index", dir]));
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let big_path = photos.path().join("b_big.png");
+    let line = format!(
+        "{}: too large for the server's message limit (1 MiB)",
+        big_path.display()
+    );
+    assert!(stderr.contains(&line), "{stderr}");
+    assert!(stderr.contains("1 files were not indexed"), "{stderr}");
+    assert_eq!(
+        summary(&stdout),
+        serde_json::json!({"INGEST_STATUS_INDEXED": 3}),
+        "{stderr}"
+    );
+
+    let (_, stdout, stderr) = run(mplug_search(server.addr, &["index", dir]));
+    assert_eq!(
+        summary(&stdout),
+        serde_json::json!({"INGEST_STATUS_UNCHANGED": 3}),
+        "{stderr}"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_skips_file_names_that_are_not_utf8_instead_of_merging_them() {
     use std::ffi::OsStr;

@@ -353,8 +353,8 @@ impl ClientArgs {
 pub struct IndexArgs {
     /// Directory to walk.
     pub dir: PathBuf,
-    /// Files larger than this many MiB are reported and skipped instead of sent (keep it at
-    /// or below the server's `--max-message-mib`).
+    /// Files larger than this many MiB are reported and skipped instead of sent. Files too
+    /// large for the server's message limit (`serve --max-message-mib`) are skipped too.
     #[arg(
         long,
         env = "MPLUG_SEARCH_INDEX_MAX_FILE_MIB",
