@@ -6,8 +6,9 @@
 #
 # Environment overrides: MPLUG_DEMO_PORT (default 50151), MPLUG_DEMO_DATA (default
 # .data/demo), MPLUG_DEMO_CHECKPOINT / MPLUG_DEMO_CONFIG (default: the embedded model),
-# MPLUG_DEMO_IMAGES (default: the easy-VQA test images). The held-out evaluation runs only for
-# the embedded model.
+# MPLUG_DEMO_IMAGES (default: the easy-VQA test images). easy-VQA is installed only when the
+# demo uses it: for the default images, and for the held-out evaluation, which runs only for
+# the embedded model on the easy-VQA images (so not when MPLUG_DEMO_IMAGES is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,9 +28,13 @@ fi
 
 section() { printf '\n\033[1m== %s ==\033[0m\n' "$*"; }
 
-section "easy-VQA data"
-easy_vqa=$(bash scripts/fetch-easy-vqa.sh)
-images="${MPLUG_DEMO_IMAGES:-$easy_vqa/data/test/images}"
+easy_vqa=""
+images="${MPLUG_DEMO_IMAGES:-}"
+if [[ -z "$images" ]]; then
+    section "easy-VQA data"
+    easy_vqa=$(bash scripts/fetch-easy-vqa.sh)
+    images="$easy_vqa/data/test/images"
+fi
 echo "images: $images"
 
 section "build (release)"
@@ -88,7 +93,7 @@ for i in "${!samples[@]}"; do
     "$bin" ask "${samples[$i]}" "${questions[$i]}" --server "$server"
 done
 
-if [[ -z "$checkpoint" ]]; then
+if [[ -z "$checkpoint" && -n "$easy_vqa" ]]; then
     section "held-out quality (eval of the built-in model on the 1000 easy-VQA test images)"
     "$bin" eval --checkpoint models/tiny-easyvqa/model.safetensors \
         --model-config models/tiny-easyvqa/mplug.json --easy-vqa "$easy_vqa"

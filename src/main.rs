@@ -1,6 +1,7 @@
 //! The `mplug-search` command: serve, index a directory, search, caption, ask, embed, stats.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -27,6 +28,31 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "gif"];
 
 fn main() -> anyhow::Result<()> {
+    match run_cli() {
+        Err(error) if error.chain().any(|cause| cause.is::<StdoutClosed>()) => Ok(()),
+        outcome => outcome,
+    }
+}
+
+/// The reader of stdout went away (`mplug-search stats | head -2`): the command stops
+/// quietly and exits with status 0, as a command that finished its output would.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+struct StdoutClosed;
+
+/// Writes `text` and a newline to stdout.
+///
+/// # Errors
+/// [`StdoutClosed`] when the reader of stdout has gone away; any other write error as it is.
+fn print_line(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        written => written.context("cannot write to stdout"),
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
     mplug_search::model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter =
@@ -39,8 +65,7 @@ fn main() -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Train(args) => return train(&args),
         Command::Eval(args) => {
-            println!("{}", run_eval(&args).context("evaluation failed")?);
-            return Ok(());
+            return print_line(run_eval(&args).context("evaluation failed")?);
         }
         command => command,
     };
@@ -64,15 +89,14 @@ fn readable_status(error: anyhow::Error) -> anyhow::Error {
 fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let summary = run_train(args).context("training failed")?;
     let [itc, itm, caption, vqa] = summary.final_losses;
-    println!(
+    print_line(format_args!(
         "trained {} parameters for {} steps in {:.0} s; final losses itc {itc:.4} itm {itm:.4} \
          caption {caption:.4} vqa {vqa:.4}; wrote {}",
         summary.parameters,
         summary.steps,
         summary.seconds,
         summary.out.display()
-    );
-    Ok(())
+    ))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -87,9 +111,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 params: None,
             };
             with_client(&args.client, |mut client| async move {
-                let answer = client.caption(request).await?.into_inner();
-                println!("{}", answer.text);
-                Ok(())
+                print_line(client.caption(request).await?.into_inner().text)
             })
             .await
         }
@@ -101,8 +123,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 params: None,
             };
             with_client(&args.client, |mut client| async move {
-                println!("{}", client.ask(request).await?.into_inner().text);
-                Ok(())
+                print_line(client.ask(request).await?.into_inner().text)
             })
             .await
         }
@@ -111,8 +132,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Stats(args) => {
             with_client(&args, |mut client| async move {
                 let stats = client.stats(proto::StatsRequest {}).await?.into_inner();
-                println!("{}", serde_json::to_string_pretty(&stats_json(&stats))?);
-                Ok(())
+                print_line(serde_json::to_string_pretty(&stats_json(&stats))?)
             })
             .await
         }
@@ -174,10 +194,10 @@ type Client = MplugSearchClient<InterceptedService<Channel, KeyHeader>>;
 
 /// Connects to `--server`, or starts an embedded server when `--data-dir` is given, runs
 /// `work` and stops the embedded server.
-async fn with_client<F, Fut>(args: &ClientArgs, work: F) -> anyhow::Result<()>
+async fn with_client<F, Fut, T>(args: &ClientArgs, work: F) -> anyhow::Result<T>
 where
     F: FnOnce(Client) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let mut embedded: Option<RunningServer> = None;
     let url = match args.embedded_settings()? {
@@ -262,7 +282,7 @@ async fn search(args: SearchArgs) -> anyhow::Result<()> {
                 "itm_score": hit.itm_score,
                 "metadata": hit.metadata,
             });
-            println!("{line}");
+            print_line(line)?;
         }
         Ok(())
     })
@@ -285,8 +305,7 @@ async fn embed(args: mplug_search::cli::EmbedArgs) -> anyhow::Result<()> {
             (None, Some(text)) => client.embed_text(proto::EmbedTextRequest { text }).await?,
             (None, None) => bail!("give --image FILE or --text TEXT"),
         };
-        println!("{}", serde_json::to_string(&answer.into_inner().vector)?);
-        Ok(())
+        print_line(serde_json::to_string(&answer.into_inner().vector)?)
     })
     .await
 }
@@ -314,11 +333,13 @@ fn stats_json(stats: &proto::StatsResponse) -> serde_json::Value {
         "cache_entries": stats.cache_entries,
         "tombstones": stats.tombstones,
         "bytes_on_disk": stats.bytes_on_disk,
+        "max_message_bytes": stats.max_message_bytes,
     })
 }
 
 /// Image files under `dir`, sorted, with their ids (relative paths with `/`), and the number
-/// of entries that could not be read (each reported on stderr).
+/// of entries that could not be read or named (each reported on stderr). A path whose part
+/// under `dir` is not valid UTF-8 has no lossless id, so it is reported and skipped.
 fn image_files(dir: &Path) -> (Vec<(std::path::PathBuf, String)>, u64) {
     let (mut files, mut unreadable) = (Vec::new(), 0);
     for entry in walkdir::WalkDir::new(dir)
@@ -345,10 +366,15 @@ fn image_files(dir: &Path) -> (Vec<(std::path::PathBuf, String)>, u64) {
         let Ok(relative) = entry.path().strip_prefix(dir) else {
             continue;
         };
-        let id: Vec<String> = relative
+        let id: Option<Vec<&str>> = relative
             .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .map(|c| c.as_os_str().to_str())
             .collect();
+        let Some(id) = id else {
+            eprintln!("{}: file name is not valid UTF-8", entry.path().display());
+            unreadable += 1;
+            continue;
+        };
         files.push((entry.path().to_owned(), id.join("/")));
     }
     (files, unreadable)
@@ -360,82 +386,177 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
     if !metadata.is_dir() {
         bail!("{}: not a directory", args.dir.display());
     }
-    let max_bytes = args.max_file_mib << 20;
     let (files, unreadable) = image_files(&args.dir);
-    let progress = ProgressBar::new(files.len() as u64);
+    let total = files.len() as u64;
+    let progress = ProgressBar::new(total);
     let style = ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
         .context("invalid progress template")?;
     progress.set_style(style);
 
-    let (sender, receiver) = tokio::sync::mpsc::channel(64);
-    let reader_progress = progress.clone();
-    let reader = tokio::task::spawn_blocking(move || {
-        let mut unread = 0u64;
-        for (path, id) in files {
-            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            if size > max_bytes {
-                let line = format!(
-                    "{}: {size} bytes, larger than --max-file-mib {} MiB; skipped",
-                    path.display(),
-                    max_bytes >> 20
-                );
-                reader_progress.suspend(|| eprintln!("{line}"));
-                reader_progress.inc(1);
-                unread += 1;
-                continue;
-            }
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    let metadata = HashMap::from([("path".to_string(), id.clone())]);
-                    let item = proto::IngestRequest {
-                        id,
-                        content: Some(Content::Image(bytes)),
-                        metadata,
-                    };
-                    if sender.blocking_send(item).is_err() {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    reader_progress.suspend(|| eprintln!("{}: {error}", path.display()));
-                    reader_progress.inc(1);
-                    unread += 1;
-                }
-            }
+    let run = IngestRun {
+        files,
+        root: args.dir.clone(),
+        max_file_bytes: args.max_file_mib << 20,
+        progress,
+    };
+    let counts = with_client(&args.client, |client| run.ingest(client)).await?;
+    let summary = json!(counts);
+    if let Err(error) = print_line(summary) {
+        if !error.is::<StdoutClosed>() {
+            return Err(error);
         }
-        unread
-    });
+    }
 
-    let root = args.dir.clone();
-    let rejected = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let rejected_in_stream = rejected.clone();
-    with_client(&args.client, |mut client| async move {
-        let input = tokio_stream::wrappers::ReceiverStream::new(receiver);
-        let mut results = client.ingest(input).await?.into_inner();
-        let mut counts: HashMap<&'static str, u64> = HashMap::new();
-        while let Some(result) = results.next().await {
-            let result = result?;
-            let status = result.status();
-            if status == IngestStatus::Rejected {
-                rejected_in_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let line = format!("{}: {}", root.join(&result.id).display(), result.reason);
-                progress.suspend(|| eprintln!("{line}"));
-            }
-            *counts.entry(status.as_str_name()).or_default() += 1;
-            progress.inc(1);
-        }
-        progress.finish();
-        let mut summary: Vec<_> = counts.into_iter().collect();
-        summary.sort();
-        println!("{}", json!(summary.into_iter().collect::<HashMap<_, _>>()));
-        Ok(())
-    })
-    .await?;
-
-    let unread = reader.await.context("file reader failed")?;
-    let failed = unreadable + unread + rejected.load(std::sync::atomic::Ordering::Relaxed);
+    let stored: u64 = counts
+        .iter()
+        .filter(|(status, _)| **status != IngestStatus::Rejected.as_str_name())
+        .map(|(_, count)| count)
+        .sum();
+    let failed = unreadable + total.saturating_sub(stored);
     if failed > 0 {
         bail!("{failed} files were not indexed (reasons above); the others are stored");
     }
     Ok(())
+}
+
+/// Items acknowledged by the server, by ingest status name.
+type IngestCounts = std::collections::BTreeMap<&'static str, u64>;
+
+/// Why `index` skipped a file without sending it.
+#[derive(Debug, thiserror::Error)]
+enum Skipped {
+    /// The file is over `--max-file-mib`.
+    #[error("{size} bytes, larger than --max-file-mib {limit_mib} MiB; skipped")]
+    OverFileLimit { size: u64, limit_mib: u64 },
+    /// The item would exceed the largest message the server accepts.
+    #[error("too large for the server's message limit ({})", size_text(.limit))]
+    OverMessageLimit { limit: u64 },
+    /// The file cannot be read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// `bytes` in MiB when it is a whole number of them, in bytes otherwise.
+fn size_text(bytes: &u64) -> String {
+    let bytes = *bytes;
+    if bytes > 0 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// The files of one `index` run and how to report on them.
+struct IngestRun {
+    files: Vec<(std::path::PathBuf, String)>,
+    root: std::path::PathBuf,
+    max_file_bytes: u64,
+    progress: ProgressBar,
+}
+
+impl IngestRun {
+    /// Streams the files to the server and counts its answers. A file that cannot be read
+    /// or is too large to send is reported and skipped; when the stream itself fails, the
+    /// error is reported and the files it did not acknowledge stay uncounted.
+    async fn ingest(self, mut client: Client) -> anyhow::Result<IngestCounts> {
+        let stats = client.stats(proto::StatsRequest {}).await?.into_inner();
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let reader = tokio::spawn(read_files(
+            self.files,
+            self.max_file_bytes,
+            stats.max_message_bytes,
+            sender,
+            self.progress.clone(),
+        ));
+
+        let mut counts = IngestCounts::new();
+        let input = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        let streamed = async {
+            let mut results = client.ingest(input).await?.into_inner();
+            while let Some(result) = results.next().await {
+                let result = result?;
+                let status = result.status();
+                if status == IngestStatus::Rejected {
+                    let line = format!(
+                        "{}: {}",
+                        self.root.join(&result.id).display(),
+                        result.reason
+                    );
+                    self.progress.suspend(|| eprintln!("{line}"));
+                }
+                *counts.entry(status.as_str_name()).or_default() += 1;
+                self.progress.inc(1);
+            }
+            Ok::<(), tonic::Status>(())
+        };
+        if let Err(status) = streamed.await {
+            // The stream is gone: stop reading files that can no longer be sent.
+            reader.abort();
+            let line = format!(
+                "{}: the ingest stream failed ({:?}: {}); files it had not acknowledged are \
+                 not stored",
+                self.root.display(),
+                status.code(),
+                status.message()
+            );
+            self.progress.suspend(|| eprintln!("{line}"));
+        }
+        if let Err(error) = reader.await {
+            if !error.is_cancelled() {
+                return Err(error).context("file reader failed");
+            }
+        }
+        self.progress.finish();
+        Ok(counts)
+    }
+}
+
+/// Reads each file into an ingest item and sends it, reporting and skipping files that
+/// cannot be read, are over `max_file_bytes`, or would make a message over
+/// `max_message_bytes` (0: unknown, not checked). Stops when the stream is gone.
+async fn read_files(
+    files: Vec<(std::path::PathBuf, String)>,
+    max_file_bytes: u64,
+    max_message_bytes: u64,
+    sender: tokio::sync::mpsc::Sender<proto::IngestRequest>,
+    progress: ProgressBar,
+) {
+    for (path, id) in files {
+        match read_item(&path, id, max_file_bytes, max_message_bytes).await {
+            Ok(item) => {
+                if sender.send(item).await.is_err() {
+                    break;
+                }
+            }
+            Err(reason) => {
+                progress.suspend(|| eprintln!("{}: {reason}", path.display()));
+                progress.inc(1);
+            }
+        }
+    }
+}
+
+async fn read_item(
+    path: &Path,
+    id: String,
+    max_file_bytes: u64,
+    max_message_bytes: u64,
+) -> Result<proto::IngestRequest, Skipped> {
+    let size = tokio::fs::metadata(path).await?.len();
+    if size > max_file_bytes {
+        let limit_mib = max_file_bytes >> 20;
+        return Err(Skipped::OverFileLimit { size, limit_mib });
+    }
+    let bytes = tokio::fs::read(path).await?;
+    let metadata = HashMap::from([("path".to_string(), id.clone())]);
+    let item = proto::IngestRequest {
+        id,
+        content: Some(Content::Image(bytes)),
+        metadata,
+    };
+    let limit = max_message_bytes;
+    if limit > 0 && prost::Message::encoded_len(&item) as u64 > limit {
+        return Err(Skipped::OverMessageLimit { limit });
+    }
+    Ok(item)
 }

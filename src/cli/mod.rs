@@ -353,8 +353,8 @@ impl ClientArgs {
 pub struct IndexArgs {
     /// Directory to walk.
     pub dir: PathBuf,
-    /// Files larger than this many MiB are reported and skipped instead of sent (keep it at
-    /// or below the server's `--max-message-mib`).
+    /// Files larger than this many MiB are reported and skipped instead of sent. Files too
+    /// large for the server's message limit (`serve --max-message-mib`) are skipped too.
     #[arg(
         long,
         env = "MPLUG_SEARCH_INDEX_MAX_FILE_MIB",
@@ -378,14 +378,21 @@ pub struct SearchArgs {
     /// Number of hits.
     #[arg(long, short, env = "MPLUG_SEARCH_K", default_value_t = 10)]
     pub k: u32,
-    /// Rerank candidates with the ITM head.
-    #[arg(long, env = "MPLUG_SEARCH_RERANK")]
+    /// Rerank candidates with the ITM head. The environment variable takes the usual
+    /// spellings of a boolean (`1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_RERANK",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub rerank: bool,
     /// Candidates to rerank (0 = server default).
     #[arg(long, env = "MPLUG_SEARCH_RERANK_K", default_value_t = 0)]
     pub rerank_k: u32,
-    /// Metadata filter `key=value` (repeatable; all must match).
-    #[arg(long, env = "MPLUG_SEARCH_FILTER", value_delimiter = ',')]
+    /// Metadata filter `key=value`: the key ends at the first `=`, and the value is the rest,
+    /// commas included. Repeat the flag for several pairs (all must match); the environment
+    /// variable holds one pair.
+    #[arg(long, env = "MPLUG_SEARCH_FILTER")]
     pub filter: Vec<String>,
     /// Connection flags.
     #[command(flatten)]
@@ -454,6 +461,34 @@ mod tests {
             panic!("expected serve");
         };
         assert!(args.settings().is_ok());
+    }
+
+    #[test]
+    fn filter_values_keep_their_commas() {
+        let cli = Cli::parse_from([
+            "mplug-search",
+            "search",
+            "red",
+            "--filter",
+            "path=x,y.png",
+            "--filter",
+            "shape=circle",
+        ]);
+        let Command::Search(args) = cli.command else {
+            panic!("expected search");
+        };
+        assert_eq!(args.filter, ["path=x,y.png", "shape=circle"]);
+    }
+
+    #[test]
+    fn boolean_flags_take_the_usual_spellings() {
+        for (spelling, expected) in [("1", true), ("yes", true), ("0", false), ("off", false)] {
+            let cli = Cli::parse_from(["mplug-search", "train", "--f16", spelling]);
+            let Command::Train(args) = cli.command else {
+                panic!("expected train");
+            };
+            assert_eq!(args.f16, expected, "--f16 {spelling}");
+        }
     }
 
     impl Cli {

@@ -454,7 +454,7 @@ impl MplugSearch for Api {
             let ready = self.ready()?;
             let collection = ready.collection.clone();
             let stats = blocking("stats", move || Ok(collection.stats()?)).await?;
-            Ok(stats_response(&ready, &stats))
+            Ok(stats_response(&ready, &stats, &self.limits))
         })
         .await
     }
@@ -483,7 +483,11 @@ fn get_response(item: Item, include_vector: bool) -> proto::GetResponse {
     }
 }
 
-fn stats_response(ready: &Ready, stats: &mplug_index::Stats) -> proto::StatsResponse {
+fn stats_response(
+    ready: &Ready,
+    stats: &mplug_index::Stats,
+    limits: &Limits,
+) -> proto::StatsResponse {
     let cache = ready.engine.cache().stats();
     let queue = |q: crate::engine::QueueStats| proto::QueueStats {
         name: q.name.into(),
@@ -505,6 +509,7 @@ fn stats_response(ready: &Ready, stats: &mplug_index::Stats) -> proto::StatsResp
         cache_entries: cache.entries,
         tombstones: stats.tombstones,
         bytes_on_disk: stats.bytes_on_disk,
+        max_message_bytes: limits.max_message_bytes as u64,
     }
 }
 

@@ -93,8 +93,15 @@ pub struct TrainArgs {
     #[arg(long, env = "MPLUG_TRAIN_CHECKPOINT_EVERY", default_value_t = 250)]
     pub checkpoint_every: usize,
 
-    /// Store weights as f16 (half the size) instead of f32.
-    #[arg(long, env = "MPLUG_TRAIN_F16", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Store weights as f16 (half the size) instead of f32. Takes the usual spellings of a
+    /// boolean (`1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`).
+    #[arg(
+        long,
+        env = "MPLUG_TRAIN_F16",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub f16: bool,
 
     /// Start from this checkpoint (`model.safetensors`) instead of the seeded random
