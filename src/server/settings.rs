@@ -85,18 +85,12 @@ pub struct ServerSettings {
 }
 
 impl ServerSettings {
-    /// Refuses a non-loopback listen address without an API key and limits that cannot
-    /// work together. Errors with `Error::InvalidArgument` naming the setting.
+    /// Refuses a non-loopback listen address without an API key, an engine configuration
+    /// that cannot run and limits that cannot work together. Errors with
+    /// `Error::InvalidArgument` naming the setting.
     pub fn validate(&self) -> Result<()> {
-        if !self.listen.ip().is_loopback() && self.api_key.is_none() {
-            return Err(invalid(
-                "api_key",
-                format!(
-                    "an api key is required to listen on {}, which is not a loopback address",
-                    self.listen
-                ),
-            ));
-        }
+        validate_listen(self.listen, self.api_key.as_ref())?;
+        self.engine.validate()?;
         let limits = &self.limits;
         if limits.max_k == 0 || limits.max_k > mplug_index::MAX_K {
             let reason = format!("expected 1..={}, got {}", mplug_index::MAX_K, limits.max_k);
@@ -118,9 +112,59 @@ impl ServerSettings {
     }
 }
 
+/// Refuses to listen on a non-loopback address without an API key. Callers check this
+/// before touching the data directory, so a refused start leaves no files behind. Errors
+/// with `Error::InvalidArgument` for `api_key`.
+pub fn validate_listen(listen: SocketAddr, api_key: Option<&ApiKey>) -> Result<()> {
+    if listen.ip().is_loopback() || api_key.is_some() {
+        return Ok(());
+    }
+    let reason =
+        format!("an api key is required to listen on {listen}, which is not a loopback address");
+    Err(invalid("api_key", reason))
+}
+
 fn invalid(field: &str, reason: String) -> Error {
     Error::InvalidArgument {
         field: field.into(),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ModelSource;
+    use crate::model::Tasks;
+
+    fn settings(engine: EngineConfig) -> ServerSettings {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            api_key: None,
+            tls: None,
+            data_dir: PathBuf::from("unused"),
+            model: ModelSource {
+                checkpoint: PathBuf::from("unused.safetensors"),
+                config: PathBuf::from("unused.json"),
+                tasks: Tasks::ALL,
+                max_pixels: 1,
+                precision: Default::default(),
+            },
+            engine,
+            hnsw: Default::default(),
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn an_engine_that_cannot_run_is_refused_before_binding() {
+        assert!(settings(EngineConfig::default()).validate().is_ok());
+        let engine = EngineConfig {
+            max_batch: 0,
+            ..EngineConfig::default()
+        };
+        let error = settings(engine).validate().expect_err("max_batch 0");
+        assert!(error.to_string().contains("max_batch"), "{error}");
     }
 }
