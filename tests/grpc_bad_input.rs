@@ -148,6 +148,44 @@ async fn bad_texts_k_ids_and_messages_are_refused() {
     server.shutdown().await.expect("clean shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reranked_search_with_k_above_max_rerank_k_is_refused_not_reranked_in_full() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = settings(dir.path(), None);
+    let max = settings.limits.max_rerank_k as u32;
+    let server = serve(settings).await;
+    let mut client = client(server.addr).await;
+    let reranked = |k: u32, rerank_k: u32| proto::SearchRequest {
+        query: Some(Query::Text("a red square".into())),
+        k,
+        rerank: true,
+        rerank_k,
+        ..Default::default()
+    };
+
+    for rerank_k in [0, max + 1, 1000] {
+        let status = client
+            .search(reranked(1000, rerank_k))
+            .await
+            .expect_err("k above the rerank limit");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(&max.to_string()), "{status:?}");
+    }
+    client
+        .search(reranked(max, 0))
+        .await
+        .expect("k at the rerank limit");
+    let plain = proto::SearchRequest {
+        rerank: false,
+        ..reranked(1000, 0)
+    };
+    client
+        .search(plain)
+        .await
+        .expect("k above it without rerank");
+    server.shutdown().await.expect("clean shutdown");
+}
+
 /// A search request whose metadata filter values are raw bytes, so that a test can send
 /// what the real `map<string, string>` field cannot hold: invalid UTF-8.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -16,7 +16,8 @@ pub struct Limits {
     pub max_k: usize,
     /// `rerank_k` when a reranked search gives 0: `max(k, this)`. Default 32.
     pub default_rerank_k: usize,
-    /// Largest `rerank_k`. Default 256 (mPLUG's `k_test`).
+    /// Largest `rerank_k`, and so the largest `k` of a reranked search. Default 256 (mPLUG's
+    /// `k_test`).
     pub max_rerank_k: usize,
     /// Largest text (query, item or question) in bytes. Default 16 KiB.
     pub max_text_bytes: usize,
