@@ -52,6 +52,18 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// Caller's fault: the answer would exceed the message size limit, so it cannot be sent;
+    /// the request must ask for less.
+    #[error("the response of {bytes} bytes exceeds the message limit of {limit} bytes: {hint}")]
+    ResponseTooLarge {
+        /// Encoded size of the answer.
+        bytes: usize,
+        /// The server's message size limit.
+        limit: usize,
+        /// What to ask for instead.
+        hint: &'static str,
+    },
+
     /// Service's fault: a tensor the model needs is absent from the checkpoint.
     #[error("checkpoint {path}: tensor {name} is missing (expected shape {expected:?})")]
     MissingTensor {

@@ -186,6 +186,85 @@ async fn a_reranked_search_with_k_above_max_rerank_k_is_refused_not_reranked_in_
     server.shutdown().await.expect("clean shutdown");
 }
 
+async fn ingest_all(
+    client: &mut Client,
+    items: Vec<proto::IngestRequest>,
+) -> Vec<proto::IngestResponse> {
+    let response = client
+        .ingest(futures::stream::iter(items))
+        .await
+        .expect("ingest");
+    let mut stream = response.into_inner();
+    let mut results = Vec::new();
+    while let Some(result) = stream.message().await.expect("ingest stream") {
+        results.push(result);
+    }
+    results
+}
+
+fn text_item(id: String, metadata: HashMap<String, String>) -> proto::IngestRequest {
+    proto::IngestRequest {
+        content: Some(Content::Text(format!("a caption numbered {id}"))),
+        id,
+        metadata,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_answer_over_the_message_limit_is_resource_exhausted_not_unencodable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = settings(dir.path(), None);
+    let limit = settings.limits.max_message_bytes;
+    let server = serve(settings).await;
+    let mut client = client(server.addr).await;
+
+    let huge: HashMap<String, String> = (0..64)
+        .map(|i| (format!("key{i:02}"), "x".repeat(16_000)))
+        .collect();
+    let results = ingest_all(&mut client, vec![text_item("huge".into(), huge)]).await;
+    assert_eq!(
+        results[0].status(),
+        proto::IngestStatus::Rejected,
+        "{results:?}"
+    );
+    assert!(results[0].reason.contains("16384"), "{}", results[0].reason);
+
+    let metadata: HashMap<String, String> = (0..15)
+        .map(|i| (format!("key{i:02}"), "y".repeat(1000)))
+        .collect();
+    let items = (0..100)
+        .map(|i| text_item(format!("item-{i:03}"), metadata.clone()))
+        .collect();
+    let results = ingest_all(&mut client, items).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r.status() == proto::IngestStatus::Indexed),
+        "{results:?}"
+    );
+
+    let search = |k: u32| proto::SearchRequest {
+        query: Some(Query::Text("a caption".into())),
+        k,
+        ..Default::default()
+    };
+    let status = client
+        .search(search(100))
+        .await
+        .expect_err("answer too large");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&limit.to_string()), "{status:?}");
+    assert!(status.message().contains("smaller k"), "{status:?}");
+    let hits = client
+        .search(search(10))
+        .await
+        .expect("fits")
+        .into_inner()
+        .hits;
+    assert_eq!(hits.len(), 10);
+    server.shutdown().await.expect("clean shutdown");
+}
+
 /// A search request whose metadata filter values are raw bytes, so that a test can send
 /// what the real `map<string, string>` field cannot hold: invalid UTF-8.
 #[derive(Clone, PartialEq, prost::Message)]

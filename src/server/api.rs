@@ -61,15 +61,19 @@ impl Api {
     }
 }
 
-/// Runs one RPC inside a span with a request id, records its metrics and logs one line.
-async fn observe<T>(
+/// Runs one RPC inside a span with a request id, records its metrics and logs one line. An
+/// answer larger than `max_bytes`, which the transport could not send, is replaced by
+/// [`Error::ResponseTooLarge`].
+async fn observe<T: prost::Message>(
     method: &'static str,
+    max_bytes: usize,
     work: impl Future<Output = Result<T>>,
 ) -> std::result::Result<Response<T>, Status> {
     let request_id = uuid::Uuid::new_v4();
     let span = tracing::info_span!("rpc", method, %request_id);
     let start = Instant::now();
     let result = work.instrument(span.clone()).await;
+    let result = result.and_then(|value| fits(method, &value, max_bytes).map(|()| value));
     let seconds = start.elapsed().as_secs_f64();
     metrics::histogram!(RPC_SECONDS_METRIC, "method" => method).record(seconds);
 
@@ -95,6 +99,19 @@ async fn observe<T>(
             Err(Status::from(error))
         }
     }
+}
+
+/// Refuses an answer whose encoding exceeds `limit` bytes, saying what to ask for instead.
+fn fits(method: &'static str, value: &impl prost::Message, limit: usize) -> Result<()> {
+    let bytes = value.encoded_len();
+    if bytes <= limit {
+        return Ok(());
+    }
+    let hint = match method {
+        "search" => "ask for fewer hits (a smaller k)",
+        _ => "the server's message limit is too small for this answer",
+    };
+    Err(Error::ResponseTooLarge { bytes, limit, hint })
 }
 
 /// Runs index or decoding work on the blocking pool.
@@ -325,14 +342,24 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::SearchRequest>,
     ) -> std::result::Result<Response<proto::SearchResponse>, Status> {
-        observe("search", self.search_inner(request.into_inner())).await
+        observe(
+            "search",
+            self.limits.max_message_bytes,
+            self.search_inner(request.into_inner()),
+        )
+        .await
     }
 
     async fn r#match(
         &self,
         request: Request<proto::MatchRequest>,
     ) -> std::result::Result<Response<proto::MatchResponse>, Status> {
-        observe("match", self.match_inner(request.into_inner())).await
+        observe(
+            "match",
+            self.limits.max_message_bytes,
+            self.match_inner(request.into_inner()),
+        )
+        .await
     }
 
     async fn caption(
@@ -340,7 +367,7 @@ impl MplugSearch for Api {
         request: Request<proto::CaptionRequest>,
     ) -> std::result::Result<Response<proto::GenerateResponse>, Status> {
         let request = request.into_inner();
-        observe("caption", async {
+        observe("caption", self.limits.max_message_bytes, async {
             let ready = self.ready()?;
             let defaults = ready.engine.info().caption_defaults;
             let settings = generation(request.params, defaults, &self.limits)?;
@@ -362,7 +389,7 @@ impl MplugSearch for Api {
         request: Request<proto::AskRequest>,
     ) -> std::result::Result<Response<proto::GenerateResponse>, Status> {
         let request = request.into_inner();
-        observe("ask", async {
+        observe("ask", self.limits.max_message_bytes, async {
             let ready = self.ready()?;
             convert::text("question", &request.question, &self.limits)?;
             let defaults = ready.engine.info().vqa_defaults;
@@ -385,7 +412,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::EmbedImageRequest>,
     ) -> std::result::Result<Response<proto::EmbedResponse>, Status> {
-        observe("embed_image", async {
+        observe("embed_image", self.limits.max_message_bytes, async {
             let ready = self.ready()?;
             let image = ready.decode(request.into_inner().image).await?;
             let encoded = ready.engine.encode_image(EncodeClass::Interactive, image);
@@ -400,7 +427,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::EmbedTextRequest>,
     ) -> std::result::Result<Response<proto::EmbedResponse>, Status> {
-        observe("embed_text", async {
+        observe("embed_text", self.limits.max_message_bytes, async {
             let ready = self.ready()?;
             let text = request.into_inner().text;
             convert::text("text", &text, &self.limits)?;
@@ -416,7 +443,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::GetRequest>,
     ) -> std::result::Result<Response<proto::GetResponse>, Status> {
-        observe("get", async {
+        observe("get", self.limits.max_message_bytes, async {
             let ready = self.ready()?;
             let request = request.into_inner();
             let item = ready.get_item(request.id).await?;
@@ -429,7 +456,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> std::result::Result<Response<proto::DeleteResponse>, Status> {
-        observe("delete", async {
+        observe("delete", self.limits.max_message_bytes, async {
             let ready = self.ready()?;
             let id = request.into_inner().id;
             convert::item_id("id", &id)?;
@@ -450,7 +477,7 @@ impl MplugSearch for Api {
         &self,
         _request: Request<proto::StatsRequest>,
     ) -> std::result::Result<Response<proto::StatsResponse>, Status> {
-        observe("stats", async {
+        observe("stats", self.limits.max_message_bytes, async {
             let ready = self.ready()?;
             let collection = ready.collection.clone();
             let stats = blocking("stats", move || Ok(collection.stats()?)).await?;

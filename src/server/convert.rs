@@ -83,7 +83,8 @@ pub fn item_id(field: &str, id: &str) -> Result<()> {
 }
 
 /// Checks and orders metadata: at most the entry limit, keys non-empty, every key and
-/// value within the text limit.
+/// value within the text limit, and all keys and values together within the metadata byte
+/// limit.
 pub fn metadata(
     field: &str,
     values: HashMap<String, String>,
@@ -97,6 +98,7 @@ pub fn metadata(
         );
         return Err(invalid(field, reason));
     }
+    let mut total = 0;
     for (key, value) in &values {
         if key.is_empty() {
             return Err(invalid(field, "keys must not be empty"));
@@ -104,6 +106,14 @@ pub fn metadata(
         if key.len() + value.len() > limits.max_text_bytes {
             return Err(invalid(field, format!("entry {key:?} is too long")));
         }
+        total += key.len() + value.len();
+    }
+    if total > limits.max_metadata_bytes {
+        let reason = format!(
+            "keys and values total {total} bytes, exceeding the limit of {} bytes",
+            limits.max_metadata_bytes
+        );
+        return Err(invalid(field, reason));
     }
     Ok(values.into_iter().collect())
 }
@@ -182,6 +192,20 @@ mod tests {
             );
             assert!(error.to_string().contains("256"), "{error}");
         }
+    }
+
+    #[test]
+    fn metadata_is_bounded_in_entries_and_in_total_bytes() {
+        let limits = Limits::default();
+        let entries = |count: usize, bytes: usize| -> HashMap<String, String> {
+            (0..count)
+                .map(|i| (format!("k{i:02}"), "v".repeat(bytes)))
+                .collect()
+        };
+        assert!(metadata("metadata", entries(4, 1000), &limits).is_ok());
+        let error = metadata("metadata", entries(64, 16_000), &limits).expect_err("1 MB");
+        assert!(error.to_string().contains("16384"), "{error}");
+        assert!(metadata("metadata", entries(65, 1), &limits).is_err());
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct Limits {
     pub max_match_candidates: usize,
     /// Largest number of metadata entries per item. Default 64.
     pub max_metadata_entries: usize,
+    /// Largest total of an item's metadata keys and values, in bytes. Default 16 KiB, so
+    /// that `max_k` hits with the longest ids and this much metadata each fit in the default
+    /// message limit (about 18 MB of 32 MiB).
+    pub max_metadata_bytes: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             max_generation_length: 64,
             max_match_candidates: 256,
             max_metadata_entries: 64,
+            max_metadata_bytes: 16 << 10,
         }
     }
 }

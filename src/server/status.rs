@@ -24,7 +24,7 @@ pub fn code_of(error: &Error) -> Code {
         Error::InvalidArgument { .. } | Error::ImageDecode { .. } => Code::InvalidArgument,
         Error::ImageTooLarge { .. } => Code::InvalidArgument,
         Error::NotFound { .. } => Code::NotFound,
-        Error::QueueFull { .. } => Code::ResourceExhausted,
+        Error::QueueFull { .. } | Error::ResponseTooLarge { .. } => Code::ResourceExhausted,
         Error::MissingTensor { .. }
         | Error::TensorShape { .. }
         | Error::Checkpoint { .. }
