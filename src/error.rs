@@ -153,6 +153,11 @@ pub enum Error {
     #[error("the inference engine is shutting down")]
     ShuttingDown,
 
+    /// Service's fault (retry elsewhere or later): the server is shutting down and its grace
+    /// period for requests in flight has ended.
+    #[error("the server is shutting down; retry against a running server")]
+    Stopping,
+
     /// Service's fault (retry later): the model is still loading.
     #[error("the model is still loading; retry when health reports SERVING")]
     NotReady,

@@ -12,7 +12,7 @@ use crate::engine::{EngineConfig, ModelSource, Precision};
 use crate::model::Tasks;
 use crate::server::auth::ApiKey;
 use crate::server::settings::validate_listen;
-use crate::server::{Limits, ServerSettings, TlsFiles};
+use crate::server::{Limits, ServerSettings, TlsFiles, DEFAULT_SHUTDOWN_GRACE};
 use crate::{Error, Result};
 
 /// Image-text retrieval on mPLUG: ITC search, ITM rerank, captioning and VQA over gRPC.
@@ -241,6 +241,16 @@ pub struct ServeArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024)
     )]
     pub max_message_mib: usize,
+    /// Seconds a shutdown (SIGTERM or ctrl-c) lets requests in flight finish; then the ones
+    /// left, open ingest streams included, are answered UNAVAILABLE and their connections
+    /// closed. A second signal ends the wait at once. The graph is dumped either way.
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_SHUTDOWN_GRACE_SECS",
+        default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs(),
+        value_parser = clap::value_parser!(u64).range(0..=3600)
+    )]
+    pub shutdown_grace_secs: u64,
     /// Model flags.
     #[command(flatten)]
     pub model: ModelArgs,
@@ -282,6 +292,7 @@ impl ServeArgs {
                 max_message_bytes: self.max_message_mib << 20,
                 ..Limits::default()
             },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
         };
         settings.validate()?;
         Ok(settings)
@@ -385,6 +396,7 @@ impl ClientArgs {
             engine: EngineConfig::default(),
             hnsw: Default::default(),
             limits: Limits::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }))
     }
 }

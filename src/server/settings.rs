@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mplug_index::HnswParams;
 
@@ -58,6 +59,9 @@ impl Default for Limits {
     }
 }
 
+/// How long a shutdown waits for requests in flight by default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
 /// TLS certificate chain and private key, both PEM files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
@@ -88,6 +92,9 @@ pub struct ServerSettings {
     pub hnsw: HnswParams,
     /// Request limits.
     pub limits: Limits,
+    /// How long a shutdown lets requests in flight finish before answering the ones left
+    /// UNAVAILABLE and closing their connections. Default [`DEFAULT_SHUTDOWN_GRACE`].
+    pub shutdown_grace: Duration,
 }
 
 impl ServerSettings {
@@ -160,6 +167,7 @@ mod tests {
             engine,
             hnsw: Default::default(),
             limits: Limits::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 

@@ -33,7 +33,7 @@ pub fn code_of(error: &Error) -> Code {
         Error::ModuleNotLoaded { .. } => Code::FailedPrecondition,
         Error::Tokenizer { .. } | Error::Candle(_) | Error::Io { .. } => Code::Internal,
         Error::Index(inner) => index_code(inner),
-        Error::ShuttingDown | Error::NotReady => Code::Unavailable,
+        Error::ShuttingDown | Error::NotReady | Error::Stopping => Code::Unavailable,
         Error::TaskFailed { .. } => Code::Internal,
     }
 }
