@@ -67,6 +67,7 @@ async fn run() {
         engine: EngineConfig::default(),
         hnsw: Default::default(),
         limits: Limits::default(),
+        shutdown_grace: mplug_search::server::DEFAULT_SHUTDOWN_GRACE,
     };
     let mut server = start(settings).await.expect("server starts");
     server.wait_ready().await.expect("model loads");

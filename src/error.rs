@@ -52,6 +52,18 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// Caller's fault: the answer would exceed the message size limit, so it cannot be sent;
+    /// the request must ask for less.
+    #[error("the response of {bytes} bytes exceeds the message limit of {limit} bytes: {hint}")]
+    ResponseTooLarge {
+        /// Encoded size of the answer.
+        bytes: usize,
+        /// The server's message size limit.
+        limit: usize,
+        /// What to ask for instead.
+        hint: &'static str,
+    },
+
     /// Service's fault: a tensor the model needs is absent from the checkpoint.
     #[error("checkpoint {path}: tensor {name} is missing (expected shape {expected:?})")]
     MissingTensor {
@@ -140,6 +152,11 @@ pub enum Error {
     /// Service's fault: the engine stopped before answering.
     #[error("the inference engine is shutting down")]
     ShuttingDown,
+
+    /// Service's fault (retry elsewhere or later): the server is shutting down and its grace
+    /// period for requests in flight has ended.
+    #[error("the server is shutting down; retry against a running server")]
+    Stopping,
 
     /// Service's fault (retry later): the model is still loading.
     #[error("the model is still loading; retry when health reports SERVING")]

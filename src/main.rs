@@ -146,13 +146,23 @@ async fn serve(settings: mplug_search::server::ServerSettings) -> anyhow::Result
         .await
         .context("cannot load the model or the collection")?;
     shutdown_signal().await?;
-    tracing::info!("shutting down");
-    server.shutdown().await.context("shutdown failed")?;
+    tracing::info!("shutting down; a second signal ends the wait for requests in flight");
+    let second_signal = async {
+        match shutdown_signal().await {
+            Ok(()) => tracing::info!("second signal"),
+            Err(_) => std::future::pending().await,
+        }
+    };
+    server
+        .shutdown_or(second_signal)
+        .await
+        .context("shutdown failed")?;
     Ok(())
 }
 
 /// Waits for ctrl-c (SIGINT) or, on Unix, SIGTERM, so that service managers stop the server
-/// cleanly and the graph is dumped.
+/// cleanly and the graph is dumped. Called again during the shutdown, it waits for the
+/// next signal.
 async fn shutdown_signal() -> anyhow::Result<()> {
     #[cfg(unix)]
     {

@@ -148,6 +148,123 @@ async fn bad_texts_k_ids_and_messages_are_refused() {
     server.shutdown().await.expect("clean shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reranked_search_with_k_above_max_rerank_k_is_refused_not_reranked_in_full() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = settings(dir.path(), None);
+    let max = settings.limits.max_rerank_k as u32;
+    let server = serve(settings).await;
+    let mut client = client(server.addr).await;
+    let reranked = |k: u32, rerank_k: u32| proto::SearchRequest {
+        query: Some(Query::Text("a red square".into())),
+        k,
+        rerank: true,
+        rerank_k,
+        ..Default::default()
+    };
+
+    for rerank_k in [0, max + 1, 1000] {
+        let status = client
+            .search(reranked(1000, rerank_k))
+            .await
+            .expect_err("k above the rerank limit");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(&max.to_string()), "{status:?}");
+    }
+    client
+        .search(reranked(max, 0))
+        .await
+        .expect("k at the rerank limit");
+    let plain = proto::SearchRequest {
+        rerank: false,
+        ..reranked(1000, 0)
+    };
+    client
+        .search(plain)
+        .await
+        .expect("k above it without rerank");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+async fn ingest_all(
+    client: &mut Client,
+    items: Vec<proto::IngestRequest>,
+) -> Vec<proto::IngestResponse> {
+    let response = client
+        .ingest(futures::stream::iter(items))
+        .await
+        .expect("ingest");
+    let mut stream = response.into_inner();
+    let mut results = Vec::new();
+    while let Some(result) = stream.message().await.expect("ingest stream") {
+        results.push(result);
+    }
+    results
+}
+
+fn text_item(id: String, metadata: HashMap<String, String>) -> proto::IngestRequest {
+    proto::IngestRequest {
+        content: Some(Content::Text(format!("a caption numbered {id}"))),
+        id,
+        metadata,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_answer_over_the_message_limit_is_resource_exhausted_not_unencodable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = settings(dir.path(), None);
+    let limit = settings.limits.max_message_bytes;
+    let server = serve(settings).await;
+    let mut client = client(server.addr).await;
+
+    let huge: HashMap<String, String> = (0..64)
+        .map(|i| (format!("key{i:02}"), "x".repeat(16_000)))
+        .collect();
+    let results = ingest_all(&mut client, vec![text_item("huge".into(), huge)]).await;
+    assert_eq!(
+        results[0].status(),
+        proto::IngestStatus::Rejected,
+        "{results:?}"
+    );
+    assert!(results[0].reason.contains("16384"), "{}", results[0].reason);
+
+    let metadata: HashMap<String, String> = (0..15)
+        .map(|i| (format!("key{i:02}"), "y".repeat(1000)))
+        .collect();
+    let items = (0..100)
+        .map(|i| text_item(format!("item-{i:03}"), metadata.clone()))
+        .collect();
+    let results = ingest_all(&mut client, items).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r.status() == proto::IngestStatus::Indexed),
+        "{results:?}"
+    );
+
+    let search = |k: u32| proto::SearchRequest {
+        query: Some(Query::Text("a caption".into())),
+        k,
+        ..Default::default()
+    };
+    let status = client
+        .search(search(100))
+        .await
+        .expect_err("answer too large");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&limit.to_string()), "{status:?}");
+    assert!(status.message().contains("smaller k"), "{status:?}");
+    let hits = client
+        .search(search(10))
+        .await
+        .expect("fits")
+        .into_inner()
+        .hits;
+    assert_eq!(hits.len(), 10);
+    server.shutdown().await.expect("clean shutdown");
+}
+
 /// A search request whose metadata filter values are raw bytes, so that a test can send
 /// what the real `map<string, string>` field cannot hold: invalid UTF-8.
 #[derive(Clone, PartialEq, prost::Message)]

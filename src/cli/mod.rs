@@ -11,7 +11,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use crate::engine::{EngineConfig, ModelSource, Precision};
 use crate::model::Tasks;
 use crate::server::auth::ApiKey;
-use crate::server::{Limits, ServerSettings, TlsFiles};
+use crate::server::settings::validate_listen;
+use crate::server::{Limits, ServerSettings, TlsFiles, DEFAULT_SHUTDOWN_GRACE};
 use crate::{Error, Result};
 
 /// Image-text retrieval on mPLUG: ITC search, ITM rerank, captioning and VQA over gRPC.
@@ -121,23 +122,53 @@ impl ModelArgs {
 /// Sizes of the engine.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// Query encodes that may wait before RESOURCE_EXHAUSTED.
-    #[arg(long, env = "MPLUG_SEARCH_INTERACTIVE_QUEUE", default_value_t = 64)]
+    /// Query encodes that may wait before RESOURCE_EXHAUSTED (at least 1).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_INTERACTIVE_QUEUE",
+        default_value_t = 64,
+        value_parser = at_least_one()
+    )]
     pub interactive_queue: usize,
-    /// Ingest encodes that may wait (ingest waits for room instead of failing).
-    #[arg(long, env = "MPLUG_SEARCH_BULK_QUEUE", default_value_t = 256)]
+    /// Ingest encodes that may wait (ingest waits for room instead of failing; at least 1).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_BULK_QUEUE",
+        default_value_t = 256,
+        value_parser = at_least_one()
+    )]
     pub bulk_queue: usize,
-    /// Rerank, match, caption and VQA requests that may wait.
-    #[arg(long, env = "MPLUG_SEARCH_HEAVY_QUEUE", default_value_t = 32)]
+    /// Rerank, match, caption and VQA requests that may wait (at least 1).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_HEAVY_QUEUE",
+        default_value_t = 32,
+        value_parser = at_least_one()
+    )]
     pub heavy_queue: usize,
-    /// Threads encoding queries.
-    #[arg(long, env = "MPLUG_SEARCH_INTERACTIVE_THREADS", default_value_t = 1)]
+    /// Threads encoding queries (at least 1).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_INTERACTIVE_THREADS",
+        default_value_t = 1,
+        value_parser = at_least_one()
+    )]
     pub interactive_threads: usize,
-    /// Threads running heavy requests.
-    #[arg(long, env = "MPLUG_SEARCH_HEAVY_THREADS", default_value_t = 1)]
+    /// Threads running heavy requests (at least 1).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_HEAVY_THREADS",
+        default_value_t = 1,
+        value_parser = at_least_one()
+    )]
     pub heavy_threads: usize,
-    /// Most images or texts per encode batch.
-    #[arg(long, env = "MPLUG_SEARCH_MAX_BATCH", default_value_t = 16)]
+    /// Most images or texts per encode batch (at least 1).
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_MAX_BATCH",
+        default_value_t = 16,
+        value_parser = at_least_one()
+    )]
     pub max_batch: usize,
     /// How long a query encode batch waits to fill, in milliseconds; 0 batches only the
     /// requests already waiting, so an idle server answers at once.
@@ -158,6 +189,11 @@ pub struct EngineArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1 << 20)
     )]
     pub cache_mib: usize,
+}
+
+/// Parser of a count that must be at least 1, so that clap refuses 0 before anything starts.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 impl EngineArgs {
@@ -205,6 +241,16 @@ pub struct ServeArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024)
     )]
     pub max_message_mib: usize,
+    /// Seconds a shutdown (SIGTERM or ctrl-c) lets requests in flight finish; then the ones
+    /// left, open ingest streams included, are answered UNAVAILABLE and their connections
+    /// closed. A second signal ends the wait at once. The graph is dumped either way.
+    #[arg(
+        long,
+        env = "MPLUG_SEARCH_SHUTDOWN_GRACE_SECS",
+        default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs(),
+        value_parser = clap::value_parser!(u64).range(0..=3600)
+    )]
+    pub shutdown_grace_secs: u64,
     /// Model flags.
     #[command(flatten)]
     pub model: ModelArgs,
@@ -214,13 +260,18 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// Validated server settings. Errors name the offending flag.
+    /// Validated server settings. The listen address, the API key and the engine sizes are
+    /// checked before the built-in model is written under the data directory, so a refused
+    /// start leaves that directory untouched. Errors name the offending flag.
     pub fn settings(&self) -> Result<ServerSettings> {
         let api_key = self
             .api_key
             .as_ref()
             .map(|key| ApiKey::new(&key.0))
             .transpose()?;
+        validate_listen(self.listen, api_key.as_ref())?;
+        let engine = self.engine.config();
+        engine.validate()?;
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -235,12 +286,13 @@ impl ServeArgs {
             tls,
             data_dir: self.data_dir.clone(),
             model: self.model.source(&self.data_dir)?,
-            engine: self.engine.config(),
+            engine,
             hnsw: Default::default(),
             limits: Limits {
                 max_message_bytes: self.max_message_mib << 20,
                 ..Limits::default()
             },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
         };
         settings.validate()?;
         Ok(settings)
@@ -344,6 +396,7 @@ impl ClientArgs {
             engine: EngineConfig::default(),
             hnsw: Default::default(),
             limits: Limits::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }))
     }
 }
@@ -489,6 +542,46 @@ mod tests {
             };
             assert_eq!(args.f16, expected, "--f16 {spelling}");
         }
+    }
+
+    fn zero_engine_sizes_are_refused_while_parsing() {
+        let flags = [
+            "--max-batch",
+            "--interactive-threads",
+            "--heavy-threads",
+            "--interactive-queue",
+            "--bulk-queue",
+            "--heavy-queue",
+        ];
+        for flag in flags {
+            let error = Cli::try_parse_from(["mplug-search", "serve", flag, "0"])
+                .expect_err("a zero size is refused");
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{flag}"
+            );
+            assert!(error.to_string().contains(flag), "{flag}: {error}");
+            assert!(Cli::try_parse_from(["mplug-search", "serve", flag, "1"]).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_refused_public_bind_leaves_the_data_dir_untouched() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let data_dir = data_dir.to_str().expect("utf-8 temp path");
+        let argv = ["mplug-search", "serve", "--listen", "0.0.0.0:9000"];
+        let cli = Cli::parse_from(argv.into_iter().chain(["--data-dir", data_dir]));
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        let error = args.settings().expect_err("public bind without key");
+        assert!(error.to_string().contains("api key"), "{error}");
+        assert!(
+            !Path::new(data_dir).exists(),
+            "the refused start wrote into the data directory"
+        );
     }
 
     impl Cli {

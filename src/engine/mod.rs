@@ -317,6 +317,14 @@ impl Engine {
     }
 }
 
+impl EngineConfig {
+    /// Refuses a configuration the engine cannot run: every queue, thread count and the
+    /// batch size must be at least 1. Errors with `Error::InvalidArgument` naming the field.
+    pub fn validate(&self) -> Result<()> {
+        validate(self)
+    }
+}
+
 fn validate(config: &EngineConfig) -> Result<()> {
     let checks = [
         ("interactive_queue", config.interactive_queue),

@@ -288,7 +288,11 @@ mod tests {
     fn load_keeps_only_the_model_resolution_and_encodes_like_the_full_image() {
         let pre = ImagePreprocessor::new(8);
         let big = RgbImage::from_fn(301, 177, |x, y| {
-            image::Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x + y) % 256) as u8])
+            image::Rgb([
+                (x * 7 % 256) as u8,
+                (y * 13 % 256) as u8,
+                ((x + y) % 256) as u8,
+            ])
         });
         let bytes = encode(&DynamicImage::ImageRgb8(big.clone()), ImageFormat::Png);
 
@@ -314,7 +318,11 @@ mod tests {
         let pre = ImagePreprocessor::new(6);
         let square = RgbImage::from_fn(6, 6, |x, y| image::Rgb([x as u8 * 40, y as u8, 9]));
         assert_eq!(pre.resize(&square), square);
-        assert_eq!(resize_bicubic(&square, 6, 6), square, "Pillow's filter is exact at 1:1");
+        assert_eq!(
+            resize_bicubic(&square, 6, 6),
+            square,
+            "Pillow's filter is exact at 1:1"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert::{self, invalid};
+use super::drain::Drain;
 use super::proto::{self, image_input, mplug_search_server::MplugSearch, text_input};
 use super::settings::Limits;
 use super::status::{code_of, kind_label};
@@ -40,6 +41,7 @@ pub type ReadySlot = Arc<OnceLock<Arc<Ready>>>;
 pub struct Api {
     ready: ReadySlot,
     limits: Arc<Limits>,
+    drain: Drain,
 }
 
 /// Counter of finished RPCs (labels `method`, `outcome`).
@@ -48,53 +50,78 @@ pub const RPC_TOTAL_METRIC: &str = "mplug_search_rpc_total";
 pub const RPC_SECONDS_METRIC: &str = "mplug_search_rpc_duration_seconds";
 
 impl Api {
-    /// A service answering `UNAVAILABLE` until `ready` is set.
-    pub fn new(ready: ReadySlot, limits: Limits) -> Self {
+    /// A service answering `UNAVAILABLE` until `ready` is set, and to requests still running
+    /// when `drain`'s grace period ends.
+    pub fn new(ready: ReadySlot, limits: Limits, drain: Drain) -> Self {
         Self {
             ready,
             limits: Arc::new(limits),
+            drain,
         }
     }
 
     fn ready(&self) -> Result<Arc<Ready>> {
         self.ready.get().cloned().ok_or(Error::NotReady)
     }
-}
 
-/// Runs one RPC inside a span with a request id, records its metrics and logs one line.
-async fn observe<T>(
-    method: &'static str,
-    work: impl Future<Output = Result<T>>,
-) -> std::result::Result<Response<T>, Status> {
-    let request_id = uuid::Uuid::new_v4();
-    let span = tracing::info_span!("rpc", method, %request_id);
-    let start = Instant::now();
-    let result = work.instrument(span.clone()).await;
-    let seconds = start.elapsed().as_secs_f64();
-    metrics::histogram!(RPC_SECONDS_METRIC, "method" => method).record(seconds);
+    /// Runs one RPC inside a span with a request id, records its metrics and logs one line. An
+    /// answer larger than the message limit, which the transport could not send, is replaced by
+    /// [`Error::ResponseTooLarge`]; work still running when the drain's grace period ends is
+    /// dropped and answered [`Error::Stopping`].
+    async fn observe<T: prost::Message>(
+        &self,
+        method: &'static str,
+        work: impl Future<Output = Result<T>>,
+    ) -> std::result::Result<Response<T>, Status> {
+        let request_id = uuid::Uuid::new_v4();
+        let span = tracing::info_span!("rpc", method, %request_id);
+        let start = Instant::now();
+        let result = tokio::select! {
+            result = work.instrument(span.clone()) => result,
+            () = self.drain.expired() => Err(Error::Stopping),
+        };
+        let result = result
+            .and_then(|value| fits(method, &value, self.limits.max_message_bytes).map(|()| value));
+        let seconds = start.elapsed().as_secs_f64();
+        metrics::histogram!(RPC_SECONDS_METRIC, "method" => method).record(seconds);
 
-    let _entered = span.enter();
-    let millis = seconds * 1e3;
-    match result {
-        Ok(value) => {
-            metrics::counter!(RPC_TOTAL_METRIC, "method" => method, "outcome" => "ok").increment(1);
-            tracing::info!(millis, "ok");
-            Ok(Response::new(value))
-        }
-        Err(error) => {
-            let code = code_of(&error);
-            let outcome = kind_label(code);
-            metrics::counter!(RPC_TOTAL_METRIC, "method" => method, "outcome" => outcome)
-                .increment(1);
-            match code {
-                tonic::Code::Internal | tonic::Code::FailedPrecondition => {
-                    tracing::error!(millis, %error, "failed")
-                }
-                _ => tracing::info!(millis, %error, "refused"),
+        let _entered = span.enter();
+        let millis = seconds * 1e3;
+        match result {
+            Ok(value) => {
+                metrics::counter!(RPC_TOTAL_METRIC, "method" => method, "outcome" => "ok")
+                    .increment(1);
+                tracing::info!(millis, "ok");
+                Ok(Response::new(value))
             }
-            Err(Status::from(error))
+            Err(error) => {
+                let code = code_of(&error);
+                let outcome = kind_label(code);
+                metrics::counter!(RPC_TOTAL_METRIC, "method" => method, "outcome" => outcome)
+                    .increment(1);
+                match code {
+                    tonic::Code::Internal | tonic::Code::FailedPrecondition => {
+                        tracing::error!(millis, %error, "failed")
+                    }
+                    _ => tracing::info!(millis, %error, "refused"),
+                }
+                Err(Status::from(error))
+            }
         }
     }
+}
+
+/// Refuses an answer whose encoding exceeds `limit` bytes, saying what to ask for instead.
+fn fits(method: &'static str, value: &impl prost::Message, limit: usize) -> Result<()> {
+    let bytes = value.encoded_len();
+    if bytes <= limit {
+        return Ok(());
+    }
+    let hint = match method {
+        "search" => "ask for fewer hits (a smaller k)",
+        _ => "the server's message limit is too small for this answer",
+    };
+    Err(Error::ResponseTooLarge { bytes, limit, hint })
 }
 
 /// Runs index or decoding work on the blocking pool.
@@ -317,7 +344,8 @@ impl MplugSearch for Api {
         request: Request<Streaming<proto::IngestRequest>>,
     ) -> std::result::Result<Response<IngestStream>, Status> {
         let ready = self.ready().map_err(Status::from)?;
-        let stream = super::ingest::run(ready, self.limits.clone(), request.into_inner());
+        let input = request.into_inner();
+        let stream = super::ingest::run(ready, self.limits.clone(), self.drain.clone(), input);
         Ok(Response::new(stream))
     }
 
@@ -325,14 +353,16 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::SearchRequest>,
     ) -> std::result::Result<Response<proto::SearchResponse>, Status> {
-        observe("search", self.search_inner(request.into_inner())).await
+        self.observe("search", self.search_inner(request.into_inner()))
+            .await
     }
 
     async fn r#match(
         &self,
         request: Request<proto::MatchRequest>,
     ) -> std::result::Result<Response<proto::MatchResponse>, Status> {
-        observe("match", self.match_inner(request.into_inner())).await
+        self.observe("match", self.match_inner(request.into_inner()))
+            .await
     }
 
     async fn caption(
@@ -340,7 +370,7 @@ impl MplugSearch for Api {
         request: Request<proto::CaptionRequest>,
     ) -> std::result::Result<Response<proto::GenerateResponse>, Status> {
         let request = request.into_inner();
-        observe("caption", async {
+        self.observe("caption", async {
             let ready = self.ready()?;
             let defaults = ready.engine.info().caption_defaults;
             let settings = generation(request.params, defaults, &self.limits)?;
@@ -362,7 +392,7 @@ impl MplugSearch for Api {
         request: Request<proto::AskRequest>,
     ) -> std::result::Result<Response<proto::GenerateResponse>, Status> {
         let request = request.into_inner();
-        observe("ask", async {
+        self.observe("ask", async {
             let ready = self.ready()?;
             convert::text("question", &request.question, &self.limits)?;
             let defaults = ready.engine.info().vqa_defaults;
@@ -385,7 +415,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::EmbedImageRequest>,
     ) -> std::result::Result<Response<proto::EmbedResponse>, Status> {
-        observe("embed_image", async {
+        self.observe("embed_image", async {
             let ready = self.ready()?;
             let image = ready.decode(request.into_inner().image).await?;
             let encoded = ready.engine.encode_image(EncodeClass::Interactive, image);
@@ -400,7 +430,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::EmbedTextRequest>,
     ) -> std::result::Result<Response<proto::EmbedResponse>, Status> {
-        observe("embed_text", async {
+        self.observe("embed_text", async {
             let ready = self.ready()?;
             let text = request.into_inner().text;
             convert::text("text", &text, &self.limits)?;
@@ -416,7 +446,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::GetRequest>,
     ) -> std::result::Result<Response<proto::GetResponse>, Status> {
-        observe("get", async {
+        self.observe("get", async {
             let ready = self.ready()?;
             let request = request.into_inner();
             let item = ready.get_item(request.id).await?;
@@ -429,7 +459,7 @@ impl MplugSearch for Api {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> std::result::Result<Response<proto::DeleteResponse>, Status> {
-        observe("delete", async {
+        self.observe("delete", async {
             let ready = self.ready()?;
             let id = request.into_inner().id;
             convert::item_id("id", &id)?;
@@ -450,7 +480,7 @@ impl MplugSearch for Api {
         &self,
         _request: Request<proto::StatsRequest>,
     ) -> std::result::Result<Response<proto::StatsResponse>, Status> {
-        observe("stats", async {
+        self.observe("stats", async {
             let ready = self.ready()?;
             let collection = ready.collection.clone();
             let stats = blocking("stats", move || Ok(collection.stats()?)).await?;

@@ -83,7 +83,8 @@ pub fn item_id(field: &str, id: &str) -> Result<()> {
 }
 
 /// Checks and orders metadata: at most the entry limit, keys non-empty, every key and
-/// value within the text limit.
+/// value within the text limit, and all keys and values together within the metadata byte
+/// limit.
 pub fn metadata(
     field: &str,
     values: HashMap<String, String>,
@@ -97,6 +98,7 @@ pub fn metadata(
         );
         return Err(invalid(field, reason));
     }
+    let mut total = 0;
     for (key, value) in &values {
         if key.is_empty() {
             return Err(invalid(field, "keys must not be empty"));
@@ -104,6 +106,14 @@ pub fn metadata(
         if key.len() + value.len() > limits.max_text_bytes {
             return Err(invalid(field, format!("entry {key:?} is too long")));
         }
+        total += key.len() + value.len();
+    }
+    if total > limits.max_metadata_bytes {
+        let reason = format!(
+            "keys and values total {total} bytes, exceeding the limit of {} bytes",
+            limits.max_metadata_bytes
+        );
+        return Err(invalid(field, reason));
     }
     Ok(values.into_iter().collect())
 }
@@ -118,17 +128,25 @@ pub fn k(value: u32, limits: &Limits) -> Result<usize> {
     Ok(value)
 }
 
-/// The number of candidates to rerank: the request's value or the default, at least
-/// `k` and at most the limit.
+/// The number of candidates to rerank, `k..=max_rerank_k`: the request's value, or for 0
+/// `max(k, default_rerank_k)`. A reranked search therefore asks for at most `max_rerank_k`
+/// hits: a larger `k` is refused (field `k`) rather than reranking more candidates than the
+/// limit allows; a `rerank_k` outside the range is refused (field `rerank_k`).
 pub fn rerank_k(value: u32, k: usize, limits: &Limits) -> Result<usize> {
+    let max = limits.max_rerank_k;
+    if k > max {
+        let reason = format!(
+            "{k} exceeds the limit of {max} for a reranked search; lower k or search without \
+             rerank"
+        );
+        return Err(invalid("k", reason));
+    }
     let value = match value as usize {
-        0 => k
-            .max(limits.default_rerank_k)
-            .min(limits.max_rerank_k.max(k)),
+        0 => k.max(limits.default_rerank_k).min(max),
         v => v,
     };
-    if value < k || value > limits.max_rerank_k.max(k) {
-        let reason = format!("expected {k}..={}, got {value}", limits.max_rerank_k.max(k));
+    if value < k || value > max {
+        let reason = format!("expected {k}..={max}, got {value}");
         return Err(invalid("rerank_k", reason));
     }
     Ok(value)
@@ -157,9 +175,37 @@ mod tests {
         assert_eq!(k(5, &limits).expect("5 is valid"), 5);
 
         assert_eq!(rerank_k(0, 5, &limits).expect("default"), 32);
-        assert_eq!(rerank_k(0, 300, &limits).expect("k above the cap"), 300);
+        assert_eq!(rerank_k(0, 100, &limits).expect("k above the default"), 100);
+        assert_eq!(rerank_k(0, 256, &limits).expect("k at the cap"), 256);
         assert!(rerank_k(3, 5, &limits).is_err());
         assert!(rerank_k(10_000, 5, &limits).is_err());
+    }
+
+    #[test]
+    fn rerank_never_exceeds_max_rerank_k_even_when_k_is_larger() {
+        let limits = Limits::default();
+        for rerank in [0, 300, 1000] {
+            let error = rerank_k(rerank, 1000, &limits).expect_err("k above max_rerank_k");
+            assert!(
+                matches!(&error, Error::InvalidArgument { field, .. } if field == "k"),
+                "{error}"
+            );
+            assert!(error.to_string().contains("256"), "{error}");
+        }
+    }
+
+    #[test]
+    fn metadata_is_bounded_in_entries_and_in_total_bytes() {
+        let limits = Limits::default();
+        let entries = |count: usize, bytes: usize| -> HashMap<String, String> {
+            (0..count)
+                .map(|i| (format!("k{i:02}"), "v".repeat(bytes)))
+                .collect()
+        };
+        assert!(metadata("metadata", entries(4, 1000), &limits).is_ok());
+        let error = metadata("metadata", entries(64, 16_000), &limits).expect_err("1 MB");
+        assert!(error.to_string().contains("16384"), "{error}");
+        assert!(metadata("metadata", entries(65, 1), &limits).is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use super::api::{blocking, Ready};
 use super::convert;
+use super::drain::Drain;
 use super::proto::{self, ingest_request::Content, IngestStatus};
 use super::settings::Limits;
 use crate::engine::EncodeClass;
@@ -44,15 +45,18 @@ type Responses = std::pin::Pin<
     Box<dyn futures::Stream<Item = std::result::Result<proto::IngestResponse, Status>> + Send>,
 >;
 
-/// Starts processing `input` and returns the stream of per-item results.
+/// Starts processing `input` and returns the stream of per-item results. When `drain`'s
+/// grace period ends, the stream stops reading and ends with UNAVAILABLE; items answered
+/// before that are durable, the others were not acknowledged and may or may not be stored.
 pub fn run(
     ready: Arc<Ready>,
     limits: Arc<Limits>,
+    drain: Drain,
     input: Streaming<proto::IngestRequest>,
 ) -> Responses {
     let (sender, receiver) = mpsc::channel(limits.ingest_window);
     let span = tracing::info_span!("rpc", method = "ingest", request_id = %uuid::Uuid::new_v4());
-    tokio::spawn(pump(ready, limits, input, sender).instrument(span));
+    tokio::spawn(pump(ready, limits, drain, input, sender).instrument(span));
     Box::pin(ReceiverStream::new(receiver))
 }
 
@@ -85,14 +89,19 @@ impl<F: std::future::Future> InFlight<F> {
 type Received = std::result::Result<(proto::IngestRequest, OwnedSemaphorePermit), Status>;
 
 /// Reads `input` into a queue holding at most about [`READ_AHEAD_BYTES`]; the queue ends
-/// after the stream's end or error, or when the receiver is dropped.
+/// after the stream's end or error, or when the receiver is dropped (even while the client
+/// sends nothing, so that an abandoned stream does not stay open).
 fn read_ahead(mut input: Streaming<proto::IngestRequest>) -> mpsc::UnboundedReceiver<Received> {
     let (sender, receiver) = mpsc::unbounded_channel();
     let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
     tokio::spawn(
         async move {
             loop {
-                let item = match input.message().await {
+                let next = tokio::select! {
+                    next = input.message() => next,
+                    () = sender.closed() => return,
+                };
+                let item = match next {
                     Ok(Some(item)) => item,
                     Ok(None) => return,
                     Err(status) => {
@@ -120,6 +129,7 @@ fn read_ahead(mut input: Streaming<proto::IngestRequest>) -> mpsc::UnboundedRece
 async fn pump(
     ready: Arc<Ready>,
     limits: Arc<Limits>,
+    drain: Drain,
     input: Streaming<proto::IngestRequest>,
     sender: Sender,
 ) {
@@ -134,6 +144,13 @@ async fn pump(
     while ended.is_none() || flight.len() > 0 {
         let open = ended.is_none() && flight.held.is_none() && flight.len() < limits.ingest_window;
         tokio::select! {
+            () = drain.expired() => {
+                let in_flight = flight.len();
+                tracing::info!(received, in_flight, "server stopping; ingest stream ended");
+                // A client that reads no answers gets none: the connection closes soon after.
+                let _ = sender.try_send(Err(Status::from(Error::Stopping)));
+                return;
+            }
             Some(done) = flight.futures.next(), if !flight.futures.is_empty() => {
                 flight.ids.pop_front();
                 if let Some(item) = flight.held.take() {

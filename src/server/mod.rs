@@ -4,6 +4,7 @@ pub mod api;
 pub mod auth;
 pub mod codec;
 pub mod convert;
+pub mod drain;
 pub mod ingest;
 pub mod settings;
 pub mod status;
@@ -26,7 +27,7 @@ pub mod proto {
 pub mod run;
 
 pub use run::{start, RunningServer};
-pub use settings::{Limits, ServerSettings, TlsFiles};
+pub use settings::{Limits, ServerSettings, TlsFiles, DEFAULT_SHUTDOWN_GRACE};
 
 /// Histogram buckets of every `_seconds` metric.
 pub const METRIC_BUCKETS_SECONDS: [f64; 12] = [

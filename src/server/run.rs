@@ -12,10 +12,12 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use super::api::{Api, Ready, ReadySlot};
 use super::auth::Authenticator;
+use super::drain::Drain;
 use super::proto::{mplug_search_server::MplugSearchServer, FILE_DESCRIPTOR_SET};
 use super::settings::{ServerSettings, TlsFiles};
 use super::writer::Writer;
@@ -34,6 +36,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 /// Most items one group commit writes.
 const COMMIT_MAX_ITEMS: usize = 256;
+/// After the grace period, how long handlers have to deliver their UNAVAILABLE answers
+/// before the connections still open are closed.
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
+/// After closing the connections, how long to wait for the transport to notice.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// gRPC service name reported by health.
 pub const SERVICE_NAME: &str = "mplug_search.v1.MplugSearch";
@@ -44,8 +51,10 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     ready: ReadySlot,
     loaded: Option<oneshot::Receiver<Result<()>>>,
-    stop: Option<oneshot::Sender<()>>,
-    serving: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    drain: Drain,
+    grace: Duration,
+    health: HealthReporter,
+    serving: JoinHandle<Served>,
     dumper: JoinHandle<()>,
 }
 
@@ -73,7 +82,8 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
         .set_service_status("", ServingStatus::NotServing)
         .await;
 
-    let api = Api::new(ready.clone(), settings.limits.clone());
+    let drain = Drain::default();
+    let api = Api::new(ready.clone(), settings.limits.clone(), drain.clone());
     let max_message = settings.limits.max_message_bytes;
     let auth = Authenticator::new(settings.api_key.clone());
     let search = MplugSearchServer::new(api)
@@ -101,7 +111,6 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
             .tls_config(tls_config(tls)?)
             .map_err(|error| invalid_setting("tls", error_chain(&error)))?;
     }
-    let (stop, stopped) = oneshot::channel::<()>();
     let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -109,14 +118,18 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
         .add_service(search);
     let incoming = TcpIncoming::from_listener(listener, true, Some(TCP_KEEPALIVE))
         .map_err(|error| invalid_setting("listen", error.to_string()))?;
-    let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = stopped.await;
-    }));
+    // The shutdown ends the stream of connections, which closes the listening socket and
+    // starts the transport's graceful close; the signal itself never fires.
+    let incoming = drain.listener(incoming);
+    let serving =
+        tokio::spawn(router.serve_with_incoming_shutdown(incoming, std::future::pending::<()>()));
     let (auth, tls) = (settings.api_key.is_some(), settings.tls.is_some());
     tracing::info!(%addr, auth, tls, "listening");
 
     let (loaded_tx, loaded) = oneshot::channel();
     let load_slot = ready.clone();
+    let reporter = health.clone();
+    let settings_grace = settings.shutdown_grace;
     tokio::spawn(async move {
         let outcome = load(&settings, &load_slot).await;
         if outcome.is_ok() {
@@ -133,7 +146,9 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
         addr,
         ready,
         loaded: Some(loaded),
-        stop: Some(stop),
+        drain,
+        grace: settings_grace,
+        health: reporter,
         serving,
         dumper,
     })
@@ -148,17 +163,49 @@ impl RunningServer {
         loaded.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Stops accepting requests, waits for the server to finish, dumps the graph and
-    /// closes the collection.
-    pub async fn shutdown(mut self) -> Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+    /// Stops the server within its grace period (`ServerSettings::shutdown_grace`), then
+    /// dumps the graph and closes the collection.
+    ///
+    /// Health turns NOT_SERVING and the listening socket closes at once, so new clients are
+    /// refused; open connections are asked to finish (HTTP/2 GOAWAY). Requests in flight
+    /// run on until the grace period ends; then the ones left, ingest streams included, are
+    /// answered UNAVAILABLE and, a second later, the connections still open are closed.
+    /// Everything acknowledged is durable already; the final dump saves a rebuild at the
+    /// next start. Errors: the dump's or the close's.
+    pub async fn shutdown(self) -> Result<()> {
+        self.shutdown_or(std::future::pending()).await
+    }
+
+    /// [`Self::shutdown`], ending the grace period early when `hurry` completes (for
+    /// example on a second signal); the graph is still dumped and the collection closed.
+    pub async fn shutdown_or(mut self, hurry: impl std::future::Future<Output = ()>) -> Result<()> {
+        for service in [SERVICE_NAME, ""] {
+            self.health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
         }
-        self.dumper.abort();
-        let served = (&mut self.serving).await;
-        if let Ok(Err(error)) = served {
+        self.drain.close_listener();
+        let grace_secs = self.grace.as_secs_f64();
+        tracing::info!(grace_secs, "stopped accepting; draining requests in flight");
+        let drained = tokio::select! {
+            served = &mut self.serving => Some(served),
+            () = tokio::time::sleep(self.grace) => {
+                tracing::warn!(grace_secs, "grace period over; ending requests still running");
+                None
+            }
+            () = hurry => {
+                tracing::warn!("drain cut short; ending requests still running");
+                None
+            }
+        };
+        let served = match drained {
+            Some(served) => Some(served),
+            None => self.end_remaining().await,
+        };
+        if let Some(Ok(Err(error))) = served {
             tracing::warn!(%error, "server ended with an error");
         }
+        self.dumper.abort();
         let Some(ready) = self.ready.get().cloned() else {
             return Ok(());
         };
@@ -174,6 +221,29 @@ impl RunningServer {
         .await
     }
 }
+
+impl RunningServer {
+    /// Answers the requests still running UNAVAILABLE, then closes the connections still
+    /// open; `None` when the transport did not stop even then (its task is aborted).
+    async fn end_remaining(
+        &mut self,
+    ) -> Option<std::result::Result<Served, tokio::task::JoinError>> {
+        self.drain.expire();
+        if let Ok(served) = tokio::time::timeout(ANSWER_WAIT, &mut self.serving).await {
+            return Some(served);
+        }
+        self.drain.sever();
+        if let Ok(served) = tokio::time::timeout(CLOSE_WAIT, &mut self.serving).await {
+            return Some(served);
+        }
+        tracing::warn!("the transport did not stop after closing its connections; aborting it");
+        self.serving.abort();
+        None
+    }
+}
+
+/// What the transport's task returns.
+type Served = std::result::Result<(), tonic::transport::Error>;
 
 async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
     let source = settings.model.clone();

@@ -24,7 +24,7 @@ pub fn code_of(error: &Error) -> Code {
         Error::InvalidArgument { .. } | Error::ImageDecode { .. } => Code::InvalidArgument,
         Error::ImageTooLarge { .. } => Code::InvalidArgument,
         Error::NotFound { .. } => Code::NotFound,
-        Error::QueueFull { .. } => Code::ResourceExhausted,
+        Error::QueueFull { .. } | Error::ResponseTooLarge { .. } => Code::ResourceExhausted,
         Error::MissingTensor { .. }
         | Error::TensorShape { .. }
         | Error::Checkpoint { .. }
@@ -33,7 +33,7 @@ pub fn code_of(error: &Error) -> Code {
         Error::ModuleNotLoaded { .. } => Code::FailedPrecondition,
         Error::Tokenizer { .. } | Error::Candle(_) | Error::Io { .. } => Code::Internal,
         Error::Index(inner) => index_code(inner),
-        Error::ShuttingDown | Error::NotReady => Code::Unavailable,
+        Error::ShuttingDown | Error::NotReady | Error::Stopping => Code::Unavailable,
         Error::TaskFailed { .. } => Code::Internal,
     }
 }

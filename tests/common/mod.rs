@@ -12,7 +12,7 @@ use mplug_search::engine::{parity_model_paths, EngineConfig, ModelSource};
 use mplug_search::model::Tasks;
 use mplug_search::server::auth::ApiKey;
 use mplug_search::server::proto::mplug_search_client::MplugSearchClient;
-use mplug_search::server::{start, Limits, RunningServer, ServerSettings};
+use mplug_search::server::{start, Limits, RunningServer, ServerSettings, DEFAULT_SHUTDOWN_GRACE};
 use tonic::transport::Channel;
 
 /// A key long enough to be accepted.
@@ -41,6 +41,7 @@ pub fn settings(data_dir: &Path, api_key: Option<&str>) -> ServerSettings {
             max_message_bytes: 1 << 20,
             ..Limits::default()
         },
+        shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
     }
 }
 
