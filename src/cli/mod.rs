@@ -544,6 +544,7 @@ mod tests {
         }
     }
 
+    #[test]
     fn zero_engine_sizes_are_refused_while_parsing() {
         let flags = [
             "--max-batch",
