@@ -28,6 +28,11 @@ impl Drain {
         self.closing.cancel();
     }
 
+    /// Whether the shutdown has started.
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
     /// Ends the grace period: handlers still running answer UNAVAILABLE.
     pub fn expire(&self) {
         self.expired.cancel();

@@ -130,14 +130,18 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
     let load_slot = ready.clone();
     let reporter = health.clone();
     let settings_grace = settings.shutdown_grace;
+    let load_drain = drain.clone();
     tokio::spawn(async move {
         let outcome = load(&settings, &load_slot).await;
         if outcome.is_ok() {
-            health
-                .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-                .await;
-            health.set_service_status("", ServingStatus::Serving).await;
-            tracing::info!("model loaded; serving");
+            set_health(&mut health, ServingStatus::Serving).await;
+            // A shutdown that started meanwhile has already reported NOT_SERVING, after
+            // marking itself closing: report it again so that it stands.
+            if load_drain.is_closing() {
+                set_health(&mut health, ServingStatus::NotServing).await;
+            } else {
+                tracing::info!("model loaded; serving");
+            }
         }
         let _ = loaded_tx.send(outcome);
     });
@@ -179,12 +183,8 @@ impl RunningServer {
     /// [`Self::shutdown`], ending the grace period early when `hurry` completes (for
     /// example on a second signal); the graph is still dumped and the collection closed.
     pub async fn shutdown_or(mut self, hurry: impl std::future::Future<Output = ()>) -> Result<()> {
-        for service in [SERVICE_NAME, ""] {
-            self.health
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
         self.drain.close_listener();
+        set_health(&mut self.health, ServingStatus::NotServing).await;
         let grace_secs = self.grace.as_secs_f64();
         tracing::info!(grace_secs, "stopped accepting; draining requests in flight");
         let drained = tokio::select! {
@@ -293,6 +293,13 @@ async fn dump_periodically(ready: ReadySlot) {
         if let Err(error) = dumped.await {
             tracing::warn!(%error, "periodic graph dump failed");
         }
+    }
+}
+
+/// Reports `status` for the search service and for the server as a whole.
+async fn set_health(health: &mut HealthReporter, status: ServingStatus) {
+    for service in [SERVICE_NAME, ""] {
+        health.set_service_status(service, status).await;
     }
 }
 
