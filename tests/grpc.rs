@@ -427,3 +427,21 @@ async fn a_repeated_id_in_one_stream_keeps_the_last_content() {
     assert_eq!(item.text, "second version");
     server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_lists_at_most_sixteen_of_the_ids_holding_its_content() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(dir.path(), None)).await;
+    let mut client = client(server.addr).await;
+    let first = ingest(&mut client, vec![text_item("copy-00", "the same words")]).await;
+    assert_eq!(statuses(&first), vec![IngestStatus::Indexed]);
+    // One at a time, so that each copy finds all the earlier ones stored.
+    for i in 1..20 {
+        let id = format!("copy-{i:02}");
+        let results = ingest(&mut client, vec![text_item(&id, "the same words")]).await;
+        assert_eq!(statuses(&results), vec![IngestStatus::Duplicate], "{id}");
+        let listed: Vec<String> = (0..i.min(16)).map(|j| format!("copy-{j:02}")).collect();
+        assert_eq!(results[0].duplicate_of, listed, "{id}");
+    }
+    server.shutdown().await.expect("clean shutdown");
+}

@@ -251,8 +251,12 @@ async fn store(
     Ok((status, Vec::new()))
 }
 
+/// Most ids an answer lists in `duplicate_of`.
+const DUPLICATES_LISTED: usize = 16;
+
 /// Stores the item without model work when its content is already stored: under the
-/// same id (UNCHANGED, or INDEXED with new metadata) or under other ids (DUPLICATE).
+/// same id (UNCHANGED, or INDEXED with new metadata) or under other ids (DUPLICATE, listing
+/// the first [`DUPLICATES_LISTED`] of them).
 async fn reuse_stored(
     ready: &Ready,
     mut item: Item,
@@ -263,7 +267,8 @@ async fn reuse_stored(
         if collection.contains(&id, &hash)? {
             return Ok((collection.get(&id)?, Vec::new()));
         }
-        let others = collection.find_by_hash(&hash)?;
+        let mut others = collection.find_by_hash(&hash)?;
+        others.truncate(DUPLICATES_LISTED);
         let source = match others.first() {
             Some(other) => collection.get(other)?,
             None => None,
