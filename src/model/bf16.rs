@@ -205,9 +205,8 @@ pub fn prepare_tile_unit() {
 }
 
 /// Whether the bf16 kernels ([`matmul`], [`attend_head`]) run `w` on the AMX tile unit: the
-/// CPU and kernel allow it and the
-/// input width is a whole number of 32-input tile steps. The first call in a process makes
-/// the decision of [`prepare_tile_unit`] if nothing made it yet.
+/// CPU and kernel allow it and the input width is a whole number of 32-input tile steps. The
+/// first call in a process makes the decision of [`prepare_tile_unit`] if nothing made it yet.
 pub fn uses_amx(w: &PackedBf16) -> bool {
     w.in_dim.is_multiple_of(amx::INPUTS) && amx::usable()
 }
@@ -689,8 +688,7 @@ mod amx {
     /// # Safety
     /// [`usable`] is true and `w.in_dim` is a multiple of [`INPUTS`]; `a` holds the rows
     /// rounded by [`super::round_rows`] or [`super::round_into`]; `block` lies within the
-    /// matrix that `sink.dst`
-    /// points to and no other thread writes it.
+    /// matrix that `sink.dst` points to and no other thread writes it.
     #[cfg(target_arch = "x86_64")]
     pub(super) unsafe fn run_block(a: &[u32], w: &PackedBf16, block: &Block, sink: &Sink) {
         let pairs = w.pairs();
