@@ -18,7 +18,10 @@
 //! TODO(attention-speed): the f32 products stay on the `gemm` crate. On a 2-core AVX2 CPU they
 //! take about 11 % of a ViT-B/16 forward at the same FLOP rate as the packed linear kernel,
 //! so packing keys and values for that kernel would gain about 1 %; the softmax (3 %) could
-//! still be fused into the score tiles while they are in registers.
+//! still be fused into the score tiles while they are in registers. In bf16, a task whose keys
+//! are its own and whose queries are few (a text's co-attention over one candidate image)
+//! packs as many values as it multiplies, so there the packing may cost as much as the f32
+//! products did; neither is measured on a CPU with AMX yet.
 
 #![expect(
     unsafe_code,
