@@ -52,14 +52,23 @@ fn print_line(text: impl std::fmt::Display) -> anyhow::Result<()> {
     }
 }
 
+/// Writes `text` and a newline to stderr, dropping it when stderr is closed: a report line
+/// lost with its reader must not stop the work it reports on.
+fn report_line(text: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 fn run_cli() -> anyhow::Result<()> {
     mplug_search::model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_new(&cli.log).context("invalid --log filter")?;
+    // A log line that cannot be written (stderr closed: `serve 2>&1 | head`) is dropped: the
+    // subscriber would otherwise report it with a panicking `eprintln!` on a server thread.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .init();
 
     let command = match cli.command {
@@ -359,7 +368,10 @@ fn image_files(dir: &Path) -> (Vec<(std::path::PathBuf, String)>, u64) {
         let entry = match entry {
             Ok(entry) => entry,
             Err(error) => {
-                eprintln!("{}: {error}", error.path().unwrap_or(dir).display());
+                report_line(format_args!(
+                    "{}: {error}",
+                    error.path().unwrap_or(dir).display()
+                ));
                 unreadable += 1;
                 continue;
             }
@@ -381,7 +393,10 @@ fn image_files(dir: &Path) -> (Vec<(std::path::PathBuf, String)>, u64) {
             .map(|c| c.as_os_str().to_str())
             .collect();
         let Some(id) = id else {
-            eprintln!("{}: file name is not valid UTF-8", entry.path().display());
+            report_line(format_args!(
+                "{}: file name is not valid UTF-8",
+                entry.path().display()
+            ));
             unreadable += 1;
             continue;
         };
@@ -492,7 +507,7 @@ impl IngestRun {
                         self.root.join(&result.id).display(),
                         result.reason
                     );
-                    self.progress.suspend(|| eprintln!("{line}"));
+                    self.progress.suspend(|| report_line(&line));
                 }
                 *counts.entry(status.as_str_name()).or_default() += 1;
                 self.progress.inc(1);
@@ -509,7 +524,7 @@ impl IngestRun {
                 status.code(),
                 status.message()
             );
-            self.progress.suspend(|| eprintln!("{line}"));
+            self.progress.suspend(|| report_line(&line));
         }
         if let Err(error) = reader.await {
             if !error.is_cancelled() {
@@ -539,7 +554,7 @@ async fn read_files(
                 }
             }
             Err(reason) => {
-                progress.suspend(|| eprintln!("{}: {reason}", path.display()));
+                progress.suspend(|| report_line(format_args!("{}: {reason}", path.display())));
                 progress.inc(1);
             }
         }

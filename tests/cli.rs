@@ -14,16 +14,22 @@ use common::{serve, settings, shape_png};
 /// The command with `args`, `--server` pointing at `addr`, and no `MPLUG_*` variables
 /// inherited from the environment running the tests.
 fn mplug_search(addr: SocketAddr, args: &[&str]) -> Command {
+    let mut command = bare_command();
+    command
+        .args(args)
+        .args(["--server", &format!("http://{addr}")])
+        .env("MPLUG_SEARCH_LOG", "warn");
+    command
+}
+
+/// The command without arguments or `MPLUG_*` variables from the environment.
+fn bare_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mplug-search"));
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("MPLUG_") {
             command.env_remove(name);
         }
     }
-    command
-        .args(args)
-        .args(["--server", &format!("http://{addr}")])
-        .env("MPLUG_SEARCH_LOG", "warn");
     command
 }
 
@@ -160,4 +166,77 @@ async fn output_commands_exit_quietly_when_stdout_is_closed() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
     server.shutdown().await.expect("clean shutdown");
+}
+
+/// The `graph/CURRENT` files under `dir` with their contents: which graph dump is active.
+fn current_dumps(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name() == "CURRENT")
+        .map(|entry| {
+            let named = std::fs::read_to_string(entry.path()).expect("CURRENT readable");
+            (entry.path().to_owned(), named)
+        })
+        .collect()
+}
+
+#[test]
+fn a_server_whose_log_reader_went_away_keeps_serving_and_stops_cleanly() {
+    use std::io::BufRead;
+
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let data_dir = data.path().to_str().expect("temp paths are UTF-8");
+    let mut serve = bare_command();
+    serve
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+            data_dir,
+        ])
+        .env("MPLUG_SEARCH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = serve.spawn().expect("serve starts");
+    let mut log = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    while !line.contains("serving") {
+        line.clear();
+        assert!(
+            log.read_line(&mut line).expect("log readable") > 0,
+            "serve ended early"
+        );
+    }
+    // Every later log line now meets a closed pipe.
+    drop(log);
+
+    let photos = tempfile::tempdir().expect("temp dir");
+    write_images(photos.path(), &["a.png"]);
+    let dir = photos.path().to_str().expect("temp paths are UTF-8");
+    let (output, _, stderr) = run(mplug_search(addr, &["index", dir]));
+    assert!(output.status.success(), "index failed: {stderr}");
+    let (output, stdout, stderr) = run(mplug_search(addr, &["stats"]));
+    assert!(output.status.success(), "stats failed: {stderr}");
+    assert!(stdout.contains("\"images\": 1"), "{stdout}");
+
+    let before = current_dumps(data.path());
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "SIGTERM sent");
+    let status = child.wait().expect("serve exits");
+    assert!(status.success(), "serve exited with {status}");
+    let after = current_dumps(data.path());
+    assert!(
+        !after.is_empty() && after != before,
+        "no new graph dump: {after:?}"
+    );
 }
