@@ -27,6 +27,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// File extensions `index` picks up.
 const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "gif"];
 
+/// The largest message the client commands send or accept.
+const CLIENT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 fn main() -> anyhow::Result<()> {
     match run_cli() {
         Err(error) if error.chain().any(|cause| cause.is::<StdoutClosed>()) => Ok(()),
@@ -248,8 +251,8 @@ where
         None => None,
     };
     let client = MplugSearchClient::with_interceptor(channel, KeyHeader(key))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
     let outcome = work(client).await;
     if let Some(server) = embedded {
         server
@@ -453,8 +456,9 @@ enum Skipped {
     /// The file is over `--max-file-mib`.
     #[error("{size} bytes, larger than --max-file-mib {limit_mib} MiB; skipped")]
     OverFileLimit { size: u64, limit_mib: u64 },
-    /// The item would exceed the largest message the server accepts.
-    #[error("too large for the server's message limit ({})", size_text(.limit))]
+    /// The item would exceed the largest message that can be sent: the server's limit, or
+    /// the client's own when that is lower.
+    #[error("too large for the message limit ({})", size_text(.limit))]
     OverMessageLimit { limit: u64 },
     /// The file cannot be read.
     #[error(transparent)]
@@ -479,6 +483,16 @@ struct IngestRun {
     progress: ProgressBar,
 }
 
+/// The largest item `index` can send: the server's message limit (0: not reported), and never
+/// more than the client's own.
+fn sendable(server_max_message_bytes: u64) -> u64 {
+    let client = CLIENT_MAX_MESSAGE_BYTES as u64;
+    match server_max_message_bytes {
+        0 => client,
+        server => server.min(client),
+    }
+}
+
 impl IngestRun {
     /// Streams the files to the server and counts its answers. A file that cannot be read
     /// or is too large to send is reported and skipped; when the stream itself fails, the
@@ -489,7 +503,7 @@ impl IngestRun {
         let reader = tokio::spawn(read_files(
             self.files,
             self.max_file_bytes,
-            stats.max_message_bytes,
+            sendable(stats.max_message_bytes),
             sender,
             self.progress.clone(),
         ));
@@ -584,4 +598,21 @@ async fn read_item(
         return Err(Skipped::OverMessageLimit { limit });
     }
     Ok(item)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_are_sized_for_the_lower_of_the_two_message_limits() {
+        let client = CLIENT_MAX_MESSAGE_BYTES as u64;
+        assert_eq!(sendable(1 << 20), 1 << 20);
+        assert_eq!(
+            sendable(128 << 20),
+            client,
+            "the client's own limit is lower"
+        );
+        assert_eq!(sendable(0), client, "a server that reports no limit");
+    }
 }

@@ -69,7 +69,7 @@ async fn index_goes_on_past_a_file_over_the_server_message_limit() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     let big_path = photos.path().join("b_big.png");
     let line = format!(
-        "{}: too large for the server's message limit (1 MiB)",
+        "{}: too large for the message limit (1 MiB)",
         big_path.display()
     );
     assert!(stderr.contains(&line), "{stderr}");
