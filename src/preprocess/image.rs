@@ -81,7 +81,7 @@ impl ImagePreprocessor {
         let orientation = decoder.orientation().map_err(|e| decode_err(&e))?;
         let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_err(&e))?;
         img.apply_orientation(orientation);
-        Ok(img.to_rgb8())
+        Ok(into_rgb8(img))
     }
 
     /// [`Self::decode`], then [`Self::resize`] to the model's resolution: what a service keeps
@@ -132,6 +132,36 @@ impl ImagePreprocessor {
             }
         }
         Ok(Tensor::from_vec(data, (images.len(), 3, r, r), device)?)
+    }
+}
+
+/// The pixel count (width × height) the header of an encoded image announces, read without
+/// decoding; `None` when the format is unknown or the header cannot be read.
+pub fn header_pixels(bytes: &[u8]) -> Option<u64> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?;
+    let (width, height) = reader.into_dimensions().ok()?;
+    Some(width as u64 * height as u64)
+}
+
+/// 8-bit RGB from a decoded image without a second full-size copy where the decoder gave
+/// 8-bit RGB or RGBA (alpha dropped in place, as PIL's `convert('RGB')` drops it); other
+/// colour types convert through a copy.
+fn into_rgb8(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageRgba8(rgba) => {
+            let (width, height) = rgba.dimensions();
+            let mut raw = rgba.into_raw();
+            let pixels = raw.len() / 4;
+            for i in 0..pixels {
+                raw.copy_within(4 * i..4 * i + 3, 3 * i);
+            }
+            raw.truncate(3 * pixels);
+            RgbImage::from_raw(width, height, raw).expect("three bytes per pixel")
+        }
+        other => other.to_rgb8(),
     }
 }
 
@@ -311,6 +341,28 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn rgb_conversion_in_place_equals_the_copying_one() {
+        let rgba = RgbaImage::from_fn(5, 3, |x, y| Rgba([x as u8 * 50, y as u8 * 70, 7, 128]));
+        let rgb = RgbImage::from_fn(4, 2, |x, y| image::Rgb([x as u8, y as u8, 3]));
+        let grey = image::GrayImage::from_fn(3, 3, |x, y| image::Luma([(x * 3 + y) as u8 * 20]));
+        for img in [
+            DynamicImage::ImageRgba8(rgba),
+            DynamicImage::ImageRgb8(rgb),
+            DynamicImage::ImageLuma8(grey),
+        ] {
+            assert_eq!(into_rgb8(img.clone()), img.to_rgb8());
+        }
+    }
+
+    #[test]
+    fn header_pixels_are_read_without_decoding() {
+        let img = DynamicImage::ImageRgb8(RgbImage::new(300, 7));
+        let png = encode(&img, ImageFormat::Png);
+        assert_eq!(header_pixels(&png), Some(2100));
+        assert_eq!(header_pixels(b"not an image"), None);
     }
 
     #[test]

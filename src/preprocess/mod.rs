@@ -3,5 +3,5 @@
 pub mod image;
 pub mod tokenizer;
 
-pub use self::image::{ImagePreprocessor, CLIP_MEAN, CLIP_STD};
+pub use self::image::{header_pixels, ImagePreprocessor, CLIP_MEAN, CLIP_STD};
 pub use tokenizer::{pre_caption, MplugTokenizer, TokenBatch};

@@ -30,8 +30,37 @@ pub struct Ready {
     /// Group commit of ingested items into the collection.
     pub writer: Writer,
     /// Bounds the images being decoded at once, and so the memory decoding takes.
-    pub decodes: tokio::sync::Semaphore,
+    pub decodes: DecodeBudget,
 }
+
+/// How many images may be decoded at once, and how many pixels they may have together.
+/// Decoding holds an image at full size until it is resized to the model's resolution, so
+/// the pixel budget, not the core count, bounds the memory that decoding takes.
+pub struct DecodeBudget {
+    /// One permit per image being decoded.
+    slots: tokio::sync::Semaphore,
+    /// One permit per started megapixel (2^20 pixels) of the images being decoded.
+    megapixels: tokio::sync::Semaphore,
+    /// The most megapixel permits one image takes: the whole budget.
+    budget: u32,
+}
+
+impl DecodeBudget {
+    /// `slots` images at once (at least 1), together at most `pixels` pixels (at least one
+    /// megapixel); a larger image waits until it can take the whole budget alone.
+    pub fn new(slots: usize, pixels: u64) -> Self {
+        let budget = u32::try_from(pixels.div_ceil(MEGAPIXEL)).unwrap_or(u32::MAX >> 3);
+        let budget = budget.clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u32);
+        Self {
+            slots: tokio::sync::Semaphore::new(slots.max(1)),
+            megapixels: tokio::sync::Semaphore::new(budget as usize),
+            budget,
+        }
+    }
+}
+
+/// Pixels per permit of [`DecodeBudget`].
+const MEGAPIXEL: u64 = 1 << 20;
 
 /// Set once the model and collection are loaded.
 pub type ReadySlot = Arc<OnceLock<Arc<Ready>>>;
@@ -199,18 +228,22 @@ impl Ready {
         found.await
     }
 
-    /// Decodes image bytes on the blocking pool, at most [`Self::decodes`] at once.
+    /// Decodes image bytes on the blocking pool within [`Self::decodes`]: the pixel count its
+    /// header announces is taken from the budget while it decodes (one megapixel for a header
+    /// that cannot be read: decoding then fails at once).
     pub(crate) async fn decode(&self, bytes: Vec<u8>) -> Result<RgbImage> {
         if bytes.is_empty() {
             return Err(Error::ImageDecode {
                 reason: "the image is empty (zero bytes)".into(),
             });
         }
-        let _permit = self
-            .decodes
-            .acquire()
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+        let budget = &self.decodes;
+        let pixels = crate::preprocess::header_pixels(&bytes).unwrap_or(1);
+        let share = u32::try_from(pixels.div_ceil(MEGAPIXEL)).unwrap_or(u32::MAX);
+        let share = share.clamp(1, budget.budget);
+        let shut = |_| Error::ShuttingDown;
+        let _slot = budget.slots.acquire().await.map_err(shut)?;
+        let _pixels = budget.megapixels.acquire_many(share).await.map_err(shut)?;
         let backend = self.engine.backend().clone();
         blocking("decode", move || backend.decode_image(&bytes)).await
     }
@@ -773,7 +806,7 @@ mod tests {
         Ready {
             engine,
             writer: Writer::start(collection.clone(), 8).expect("writer"),
-            decodes: tokio::sync::Semaphore::new(2),
+            decodes: DecodeBudget::new(2, 1 << 22),
             collection,
         }
     }
@@ -784,6 +817,33 @@ mod tests {
             .write_to(&mut bytes, image::ImageFormat::Png)
             .expect("png encodes");
         bytes.into_inner()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn images_that_fill_the_pixel_budget_decode_one_at_a_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut ready = ready(dir.path());
+        // One megapixel for everything: each 1000 × 1040 image needs the whole budget.
+        ready.decodes = DecodeBudget::new(4, 1 << 20);
+        let ready = Arc::new(ready);
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(1000, 1040, image::Rgb([9, 99, 199]))
+            .write_to(&mut bytes, image::ImageFormat::Png)
+            .expect("png encodes");
+        let bytes = bytes.into_inner();
+        let decodes = (0..3).map(|_| {
+            let (ready, bytes) = (ready.clone(), bytes.clone());
+            tokio::spawn(async move { ready.decode(bytes).await })
+        });
+        for decoded in futures::future::join_all(decodes).await {
+            let image = decoded.expect("task").expect("decodes");
+            assert_eq!(image.get_pixel(0, 0).0, [9, 99, 199]);
+        }
+        assert_eq!(
+            ready.decodes.megapixels.available_permits(),
+            1,
+            "budget returned"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

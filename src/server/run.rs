@@ -15,7 +15,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use super::api::{Api, Ready, ReadySlot};
+use super::api::{Api, DecodeBudget, Ready, ReadySlot};
 use super::auth::Authenticator;
 use super::drain::Drain;
 use super::proto::{mplug_search_server::MplugSearchServer, FILE_DESCRIPTOR_SET};
@@ -247,6 +247,7 @@ type Served = std::result::Result<(), tonic::transport::Error>;
 
 async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
     let source = settings.model.clone();
+    let max_pixels = source.max_pixels;
     let backend = super::api::blocking("load model", move || MplugBackend::load(&source)).await?;
     let info = backend.info_snapshot();
     let engine = Engine::start(Arc::new(backend), &settings.engine)?;
@@ -273,7 +274,7 @@ async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
     let ready = Ready {
         engine,
         writer: Writer::start(collection.clone(), COMMIT_MAX_ITEMS)?,
-        decodes: tokio::sync::Semaphore::new(concurrent_decodes()),
+        decodes: DecodeBudget::new(concurrent_decodes(), DECODE_BUDGET_IMAGES * max_pixels),
         collection,
     };
     let _ = slot.set(Arc::new(ready));
@@ -303,8 +304,12 @@ async fn set_health(health: &mut HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Images decoded at once: one per core, so decoding uses the cores without holding more
-/// than a few decoded images (up to `max_pixels` each) in memory.
+/// Largest images (`--max-pixels` each) that may be decoded at once; smaller ones share the
+/// same pixel budget, up to one per core.
+const DECODE_BUDGET_IMAGES: u64 = 2;
+
+/// Images decoded at once at most: one per core, so decoding uses the cores; the pixel
+/// budget bounds their memory.
 fn concurrent_decodes() -> usize {
     std::thread::available_parallelism().map_or(2, usize::from)
 }
