@@ -153,11 +153,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 async fn serve(settings: mplug_search::server::ServerSettings) -> anyhow::Result<()> {
     let mut server = start(settings).await.context("cannot start the server")?;
+    // Signals are taken from now on. One that arrives while the model and the collection load
+    // takes effect once they are loaded, so that a graph rebuild is finished and dumped
+    // rather than lost with the process.
+    let first_signal = tokio::spawn(async {
+        let received = shutdown_signal().await;
+        tracing::info!("shutdown signal received");
+        received
+    });
     server
         .wait_ready()
         .await
         .context("cannot load the model or the collection")?;
-    shutdown_signal().await?;
+    first_signal.await.context("the signal listener failed")??;
     tracing::info!("shutting down; a second signal ends the wait for requests in flight");
     let second_signal = async {
         match shutdown_signal().await {
