@@ -122,52 +122,53 @@ impl ModelArgs {
 /// Sizes of the engine.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// Query encodes that may wait before RESOURCE_EXHAUSTED (at least 1).
+    /// Query encodes that may wait before RESOURCE_EXHAUSTED (1 to 1000000).
     #[arg(
         long,
         env = "MPLUG_SEARCH_INTERACTIVE_QUEUE",
         default_value_t = 64,
-        value_parser = at_least_one()
+        value_parser = count(MAX_QUEUE)
     )]
     pub interactive_queue: usize,
-    /// Ingest encodes that may wait (ingest waits for room instead of failing; at least 1).
+    /// Ingest encodes that may wait (ingest waits for room instead of failing; 1 to
+    /// 1000000).
     #[arg(
         long,
         env = "MPLUG_SEARCH_BULK_QUEUE",
         default_value_t = 256,
-        value_parser = at_least_one()
+        value_parser = count(MAX_QUEUE)
     )]
     pub bulk_queue: usize,
-    /// Rerank, match, caption and VQA requests that may wait (at least 1).
+    /// Rerank, match, caption and VQA requests that may wait (1 to 1000000).
     #[arg(
         long,
         env = "MPLUG_SEARCH_HEAVY_QUEUE",
         default_value_t = 32,
-        value_parser = at_least_one()
+        value_parser = count(MAX_QUEUE)
     )]
     pub heavy_queue: usize,
-    /// Threads encoding queries (at least 1).
+    /// Threads encoding queries (1 to 256).
     #[arg(
         long,
         env = "MPLUG_SEARCH_INTERACTIVE_THREADS",
         default_value_t = 1,
-        value_parser = at_least_one()
+        value_parser = count(MAX_THREADS)
     )]
     pub interactive_threads: usize,
-    /// Threads running heavy requests (at least 1).
+    /// Threads running heavy requests (1 to 256).
     #[arg(
         long,
         env = "MPLUG_SEARCH_HEAVY_THREADS",
         default_value_t = 1,
-        value_parser = at_least_one()
+        value_parser = count(MAX_THREADS)
     )]
     pub heavy_threads: usize,
-    /// Most images or texts per encode batch (at least 1).
+    /// Most images or texts per encode batch (1 to 4096).
     #[arg(
         long,
         env = "MPLUG_SEARCH_MAX_BATCH",
         default_value_t = 16,
-        value_parser = at_least_one()
+        value_parser = count(MAX_BATCH)
     )]
     pub max_batch: usize,
     /// How long a query encode batch waits to fill, in milliseconds; 0 batches only the
@@ -191,9 +192,19 @@ pub struct EngineArgs {
     pub cache_mib: usize,
 }
 
-/// Parser of a count that must be at least 1, so that clap refuses 0 before anything starts.
-fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+/// Largest accepted engine queue length.
+const MAX_QUEUE: u64 = 1_000_000;
+
+/// Largest accepted engine thread count.
+const MAX_THREADS: u64 = 256;
+
+/// Largest accepted encode batch.
+const MAX_BATCH: u64 = 4096;
+
+/// Parser of a count from 1 to `max`, so that clap refuses 0 or an absurd size before
+/// anything starts.
+fn count(max: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=max)
 }
 
 impl EngineArgs {
@@ -545,7 +556,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_engine_sizes_are_refused_while_parsing() {
+    fn zero_and_absurd_engine_sizes_are_refused_while_parsing() {
         let flags = [
             "--max-batch",
             "--interactive-threads",
@@ -564,6 +575,13 @@ mod tests {
             );
             assert!(error.to_string().contains(flag), "{flag}: {error}");
             assert!(Cli::try_parse_from(["mplug-search", "serve", flag, "1"]).is_ok());
+            let huge = Cli::try_parse_from(["mplug-search", "serve", flag, "18446744073709551615"])
+                .expect_err("an absurd size is refused");
+            assert_eq!(
+                huge.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{flag}"
+            );
         }
     }
 

@@ -104,7 +104,12 @@ pub fn metadata(
             return Err(invalid(field, "keys must not be empty"));
         }
         if key.len() + value.len() > limits.max_text_bytes {
-            return Err(invalid(field, format!("entry {key:?} is too long")));
+            let reason = format!(
+                "entry {key:?} has {} bytes, exceeding the limit of {} bytes per entry",
+                key.len() + value.len(),
+                limits.max_text_bytes
+            );
+            return Err(invalid(field, reason));
         }
         total += key.len() + value.len();
     }
