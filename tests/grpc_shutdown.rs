@@ -158,3 +158,24 @@ async fn during_the_drain_open_streams_work_new_clients_are_refused_and_hurry_en
     drop(items);
     assert_survived(dir.path(), &["before", "during"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watches_end_with_not_serving_and_do_not_hold_the_drain() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = settings(dir.path(), None);
+    settings.shutdown_grace = Duration::from_secs(3600);
+    let server = serve(settings).await;
+    let mut watch = watch_health(server.addr).await;
+
+    tokio::time::timeout(TEST_TIMEOUT, server.shutdown())
+        .await
+        .expect("a health watch does not hold the drain")
+        .expect("clean shutdown");
+    // The watch may repeat SERVING first; its last status is NOT_SERVING, then it ends cleanly.
+    let mut last = None;
+    while let Some(status) = watch.message().await.expect("the watch ends cleanly") {
+        last = Some(status.status);
+    }
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing;
+    assert_eq!(last, Some(not_serving as i32));
+}

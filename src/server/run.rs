@@ -185,6 +185,12 @@ impl RunningServer {
     pub async fn shutdown_or(mut self, hurry: impl std::future::Future<Output = ()>) -> Result<()> {
         self.drain.close_listener();
         set_health(&mut self.health, ServingStatus::NotServing).await;
+        // Health watches never end by themselves: once they have NOT_SERVING, unregistering
+        // the services ends them, so that they do not hold the drain for its whole grace
+        // period. A check on a connection still open is then answered NOT_FOUND.
+        for service in [SERVICE_NAME, ""] {
+            self.health.clear_service_status(service).await;
+        }
         let grace_secs = self.grace.as_secs_f64();
         tracing::info!(grace_secs, "stopped accepting; draining requests in flight");
         let drained = tokio::select! {
