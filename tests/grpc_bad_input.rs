@@ -297,3 +297,22 @@ async fn invalid_utf8_filter_code(addr: std::net::SocketAddr) -> Code {
     let answer = grpc.unary(tonic::Request::new(request), path, codec).await;
     answer.expect_err("invalid UTF-8 is refused").code()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_filter_key_is_refused_with_a_short_message() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = serve(settings(dir.path(), None)).await;
+    let mut client = client(server.addr).await;
+    let request = proto::SearchRequest {
+        query: Some(Query::Text("a red circle".into())),
+        k: 3,
+        filter: HashMap::from([("k".repeat(20_000), "v".to_string())]),
+        ..Default::default()
+    };
+    let status = client.search(request).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("16384"), "{}", status.message());
+    assert!(status.message().len() < 1000, "{}", status.message());
+    assert_still_serving(&mut client).await;
+    server.shutdown().await.expect("clean shutdown");
+}

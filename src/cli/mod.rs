@@ -83,12 +83,13 @@ pub struct ModelArgs {
     #[arg(long, env = "MPLUG_SEARCH_MODEL_CONFIG", requires = "checkpoint")]
     pub model_config: Option<PathBuf>,
 
-    /// Largest image accepted, in pixels (width × height), checked before decoding.
+    /// Largest image accepted, in pixels (width × height), checked before decoding (1 to
+    /// 2^32).
     #[arg(
         long,
         env = "MPLUG_SEARCH_MAX_PIXELS",
         default_value_t = 64 << 20,
-        value_parser = clap::value_parser!(u64).range(1..)
+        value_parser = clap::value_parser!(u64).range(1..=1 << 32)
     )]
     pub max_pixels: u64,
 

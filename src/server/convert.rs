@@ -105,7 +105,8 @@ pub fn metadata(
         }
         if key.len() + value.len() > limits.max_text_bytes {
             let reason = format!(
-                "entry {key:?} has {} bytes, exceeding the limit of {} bytes per entry",
+                "entry {} has {} bytes, exceeding the limit of {} bytes per entry",
+                quoted_start(key),
                 key.len() + value.len(),
                 limits.max_text_bytes
             );
@@ -121,6 +122,16 @@ pub fn metadata(
         return Err(invalid(field, reason));
     }
     Ok(values.into_iter().collect())
+}
+
+/// `text` quoted for an error message, cut after its first 64 characters (marked `…`) so
+/// that a message naming client input stays small.
+fn quoted_start(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}…", &text[..cut]),
+        None => format!("{text:?}"),
+    }
 }
 
 /// Checks `k`: 1 to the limit.
@@ -211,6 +222,15 @@ mod tests {
         let error = metadata("metadata", entries(64, 16_000), &limits).expect_err("1 MB");
         assert!(error.to_string().contains("16384"), "{error}");
         assert!(metadata("metadata", entries(65, 1), &limits).is_err());
+
+        let huge_key = HashMap::from([("k".repeat(20_000), "v".to_string())]);
+        let error = metadata("filter", huge_key, &limits).expect_err("over one entry's limit");
+        let message = error.to_string();
+        assert!(
+            message.contains("20001 bytes") && message.contains("16384"),
+            "{message}"
+        );
+        assert!(message.len() < 300, "the key is quoted in part: {message}");
     }
 
     #[test]

@@ -133,12 +133,12 @@ pub async fn start(settings: ServerSettings) -> Result<RunningServer> {
     let load_drain = drain.clone();
     tokio::spawn(async move {
         let outcome = load(&settings, &load_slot).await;
-        if outcome.is_ok() {
+        if outcome.is_ok() && !load_drain.is_closing() {
             set_health(&mut health, ServingStatus::Serving).await;
-            // A shutdown that started meanwhile has already reported NOT_SERVING, after
-            // marking itself closing: report it again so that it stands.
+            // A shutdown that started meanwhile (it marks itself closing before it ends the
+            // health services) may have ended them before this report: end them again.
             if load_drain.is_closing() {
-                set_health(&mut health, ServingStatus::NotServing).await;
+                end_health(&mut health).await;
             } else {
                 tracing::info!("model loaded; serving");
             }
@@ -184,13 +184,7 @@ impl RunningServer {
     /// example on a second signal); the graph is still dumped and the collection closed.
     pub async fn shutdown_or(mut self, hurry: impl std::future::Future<Output = ()>) -> Result<()> {
         self.drain.close_listener();
-        set_health(&mut self.health, ServingStatus::NotServing).await;
-        // Health watches never end by themselves: once they have NOT_SERVING, unregistering
-        // the services ends them, so that they do not hold the drain for its whole grace
-        // period. A check on a connection still open is then answered NOT_FOUND.
-        for service in [SERVICE_NAME, ""] {
-            self.health.clear_service_status(service).await;
-        }
+        end_health(&mut self.health).await;
         let grace_secs = self.grace.as_secs_f64();
         tracing::info!(grace_secs, "stopped accepting; draining requests in flight");
         let drained = tokio::select! {
@@ -280,7 +274,10 @@ async fn load(settings: &ServerSettings, slot: &ReadySlot) -> Result<()> {
     let ready = Ready {
         engine,
         writer: Writer::start(collection.clone(), COMMIT_MAX_ITEMS)?,
-        decodes: DecodeBudget::new(concurrent_decodes(), DECODE_BUDGET_IMAGES * max_pixels),
+        decodes: DecodeBudget::new(
+            concurrent_decodes(),
+            DECODE_BUDGET_IMAGES.saturating_mul(max_pixels),
+        ),
         collection,
     };
     let _ = slot.set(Arc::new(ready));
@@ -300,6 +297,17 @@ async fn dump_periodically(ready: ReadySlot) {
         if let Err(error) = dumped.await {
             tracing::warn!(%error, "periodic graph dump failed");
         }
+    }
+}
+
+/// Reports NOT_SERVING, then unregisters the services. Health watches never end by
+/// themselves: once they have NOT_SERVING, unregistering ends them, so that they do not hold
+/// a drain for its whole grace period. A check on a connection still open is then answered
+/// NOT_FOUND.
+async fn end_health(health: &mut HealthReporter) {
+    set_health(health, ServingStatus::NotServing).await;
+    for service in [SERVICE_NAME, ""] {
+        health.clear_service_status(service).await;
     }
 }
 

@@ -2,11 +2,15 @@
 //!
 //! Caller faults become `INVALID_ARGUMENT`, `NOT_FOUND` or `RESOURCE_EXHAUSTED`; the
 //! service's own faults become `INTERNAL`, `FAILED_PRECONDITION` or `UNAVAILABLE`. The
-//! message is the error's own lowercase sentence.
+//! message is the error's own lowercase sentence, cut at [`MAX_MESSAGE_CHARS`].
 
 use tonic::{Code, Status};
 
 use crate::Error;
+
+/// Most characters of a status message. The message travels in an HTTP/2 header, which
+/// clients refuse beyond a few KiB; a message that quotes client input must stay under that.
+pub const MAX_MESSAGE_CHARS: usize = 1024;
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
@@ -14,7 +18,15 @@ impl From<Error> for Status {
         // Some sources append a captured backtrace on later lines; clients get the sentence.
         let message = error.to_string();
         let first_line = message.lines().next().unwrap_or_default();
-        Status::new(code, first_line)
+        Status::new(code, shortened(first_line))
+    }
+}
+
+/// `message` cut after [`MAX_MESSAGE_CHARS`] characters, the cut marked with `…`.
+fn shortened(message: &str) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}…", &message[..cut]),
+        None => message.to_string(),
     }
 }
 
@@ -92,6 +104,18 @@ mod tests {
 
         let missing = Error::NotFound { id: "x".into() };
         assert_eq!(Status::from(missing).code(), Code::NotFound);
+    }
+
+    #[test]
+    fn long_messages_are_cut_to_fit_a_header() {
+        let invalid = Error::InvalidArgument {
+            field: "filter".into(),
+            reason: "é".repeat(20_000),
+        };
+        let status = Status::from(invalid);
+        assert_eq!(status.message().chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(status.message().ends_with('…'));
+        assert_eq!(shortened("short"), "short");
     }
 
     #[test]
