@@ -584,6 +584,14 @@ mod tests {
                 "{flag}"
             );
         }
+        let pixels = [
+            "mplug-search",
+            "serve",
+            "--max-pixels",
+            "18446744073709551615",
+        ];
+        let error = Cli::try_parse_from(pixels).expect_err("an absurd pixel cap is refused");
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
     }
 
     #[test]
