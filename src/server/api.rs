@@ -49,8 +49,10 @@ impl DecodeBudget {
     /// `slots` images at once (at least 1), together at most `pixels` pixels (at least one
     /// megapixel); a larger image waits until it can take the whole budget alone.
     pub fn new(slots: usize, pixels: u64) -> Self {
-        let budget = u32::try_from(pixels.div_ceil(MEGAPIXEL)).unwrap_or(u32::MAX >> 3);
-        let budget = budget.clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u32);
+        // Permits are taken as a u32 count, and a semaphore holds at most MAX_PERMITS.
+        let most = u32::try_from(tokio::sync::Semaphore::MAX_PERMITS).unwrap_or(u32::MAX);
+        let budget = u32::try_from(pixels.div_ceil(MEGAPIXEL)).unwrap_or(most);
+        let budget = budget.clamp(1, most);
         Self {
             slots: tokio::sync::Semaphore::new(slots.max(1)),
             megapixels: tokio::sync::Semaphore::new(budget as usize),
