@@ -966,7 +966,7 @@ mod tests {
         half::bf16::from_bits(to_bf16(v)).to_f32()
     }
 
-    use crate::model::packed::testing::{operands, random};
+    use crate::model::packed::testing::{max_diff, operands, random};
 
     /// Reference on the same bf16-rounded operands, accumulated in f64.
     fn reference(xs: &[f32], w: &[f32], b: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
@@ -990,11 +990,7 @@ mod tests {
             let packed = PackedBf16::pack(&w, n, k, Some(b.clone()));
             let got = matmul(&xs, rows, &packed, Epilogue::default());
             let want = reference(&xs, &w, &b, rows, n, k);
-            let diff = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs())
-                .fold(0f32, f32::max);
+            let diff = max_diff(&got, &want);
             // Only the f32 accumulation order differs from the f64 reference.
             assert!(diff < 1e-4, "({rows}, {n}, {k}): max diff {diff}");
         }
@@ -1257,11 +1253,7 @@ mod tests {
                 .to_vec()
         };
         let want = reference_head(&q, &k, &v, d, &mask);
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).abs())
-            .fold(0f32, f32::max);
+        let diff = max_diff(&got, &want);
         // Sums in f32 rather than f64, and a probability now and then rounded the other way.
         assert!(diff < 1e-3, "{shape:?}: max diff {diff}");
     }

@@ -117,6 +117,15 @@ pub(crate) mod testing {
         )
     }
 
+    /// Largest absolute difference between two equally long slices.
+    pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
     /// `len` values uniform in [-1, 1) from a generator seeded with `seed`.
     pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};

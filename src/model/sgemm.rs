@@ -539,7 +539,7 @@ mod tests {
     use crate::model::config::Activation;
     use crate::model::nn::activation_value;
 
-    use crate::model::packed::testing::{operands, random};
+    use crate::model::packed::testing::{max_diff, operands, random};
 
     /// `x·Wᵀ + b` accumulated in f64.
     fn reference(xs: &[f32], w: &[f32], b: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
@@ -555,14 +555,6 @@ mod tests {
             eprintln!("skipped: this CPU has neither AVX2 with FMA nor AVX-512F");
         }
         isas
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max)
     }
 
     #[test]
