@@ -168,6 +168,18 @@ async fn output_commands_exit_quietly_when_stdout_is_closed() {
     server.shutdown().await.expect("clean shutdown");
 }
 
+/// A server process that is killed if the test ends before it exits.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The `graph/CURRENT` files under `dir` with their contents: which graph dump is active.
 fn current_dumps(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
     walkdir::WalkDir::new(dir)
@@ -204,8 +216,8 @@ fn a_server_whose_log_reader_went_away_keeps_serving_and_stops_cleanly() {
         .env("MPLUG_SEARCH_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = serve.spawn().expect("serve starts");
-    let mut log = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut child = Running(serve.spawn().expect("serve starts"));
+    let mut log = std::io::BufReader::new(child.0.stderr.take().expect("piped stderr"));
     let mut line = String::new();
     while !line.contains("serving") {
         line.clear();
@@ -228,11 +240,11 @@ fn a_server_whose_log_reader_went_away_keeps_serving_and_stops_cleanly() {
 
     let before = current_dumps(data.path());
     let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("kill runs");
     assert!(sent.success(), "SIGTERM sent");
-    let status = child.wait().expect("serve exits");
+    let status = child.0.wait().expect("serve exits");
     assert!(status.success(), "serve exited with {status}");
     let after = current_dumps(data.path());
     assert!(
