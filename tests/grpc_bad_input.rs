@@ -278,11 +278,7 @@ struct RawSearchRequest {
 }
 
 async fn invalid_utf8_filter_code(addr: std::net::SocketAddr) -> Code {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("valid uri")
-        .connect()
-        .await
-        .expect("connects");
+    let channel = channel(addr).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.expect("channel ready");
     let request = RawSearchRequest {

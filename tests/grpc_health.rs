@@ -12,11 +12,7 @@ use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 const SERVICE: &str = "mplug_search.v1.MplugSearch";
 
 async fn health_of(addr: std::net::SocketAddr) -> ServingStatus {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("valid uri")
-        .connect()
-        .await
-        .expect("connects");
+    let channel = channel(addr).await;
     let request = HealthCheckRequest {
         service: SERVICE.into(),
     };
@@ -99,11 +95,7 @@ macro_rules! list_services {
                 server_reflection_request::MessageRequest,
                 server_reflection_response::MessageResponse, ServerReflectionRequest,
             };
-            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-                .expect("valid uri")
-                .connect()
-                .await
-                .expect("connects");
+            let channel = channel(addr).await;
             let request = ServerReflectionRequest {
                 host: String::new(),
                 message_request: Some(MessageRequest::ListServices(String::new())),

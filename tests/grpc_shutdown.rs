@@ -58,11 +58,7 @@ async fn ingest_one(
 
 /// A health watch: a stream the server never ends by itself.
 async fn watch_health(addr: SocketAddr) -> Streaming<HealthCheckResponse> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("valid uri")
-        .connect()
-        .await
-        .expect("connects");
+    let channel = channel(addr).await;
     let request = HealthCheckRequest {
         service: String::new(),
     };

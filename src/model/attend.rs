@@ -523,16 +523,21 @@ mod tests {
         assert!(diff > 0.0, "the bf16 products did not run");
     }
 
+    /// An additive (B, 1, 1, Lk) mask hiding each key with probability `hidden`.
+    fn random_mask(b: usize, lk: usize, hidden: f64) -> Result<Tensor> {
+        let keep = Tensor::rand(0f32, 1.0, (b, lk), &Device::Cpu)?
+            .ge(hidden)?
+            .to_dtype(DType::F32)?;
+        ((keep.ones_like()? - keep)? * -10000.0)?.reshape((b, 1, 1, lk))
+    }
+
     #[test]
     fn bf16_products_follow_f32_on_packed_views_with_mask() -> Result<()> {
         let dev = Device::Cpu;
         let (b, l, w, heads) = (3, 40, 96, 3);
         let qkv = Tensor::randn(0f32, 1.0, (b, l, 3 * w), &dev)?;
         let [q, k, v] = [0, 1, 2].map(|i| qkv.narrow(2, i * w, w).unwrap());
-        let keep = Tensor::rand(0f32, 1.0, (b, l), &dev)?
-            .ge(0.3)?
-            .to_dtype(DType::F32)?;
-        let mask = ((keep.ones_like()? - keep)? * -10000.0)?.reshape((b, 1, 1, l))?;
+        let mask = random_mask(b, l, 0.3)?;
         assert_bf16_close(&q, &k, &v, heads, Some(&mask));
         Ok(())
     }
@@ -544,10 +549,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (b, lq, w), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (1, lk, w), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, lk, w), &dev)?;
-        let keep = Tensor::rand(0f32, 1.0, (b, lk), &dev)?
-            .ge(0.2)?
-            .to_dtype(DType::F32)?;
-        let mask = ((keep.ones_like()? - keep)? * -10000.0)?.reshape((b, 1, 1, lk))?;
+        let mask = random_mask(b, lk, 0.2)?;
         assert_bf16_close(&q, &k, &v, heads, Some(&mask));
         assert_bf16_close(&q, &k, &v, heads, None);
         Ok(())

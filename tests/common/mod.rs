@@ -55,14 +55,18 @@ pub async fn serve(settings: ServerSettings) -> RunningServer {
     server
 }
 
-/// A plaintext client of `addr`.
-pub async fn client(addr: SocketAddr) -> MplugSearchClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+/// A plaintext channel to `addr`, for any of the server's services.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
         .expect("valid uri")
         .connect()
         .await
-        .expect("client connects");
-    MplugSearchClient::new(channel)
+        .expect("client connects")
+}
+
+/// A plaintext client of `addr`.
+pub async fn client(addr: SocketAddr) -> MplugSearchClient<Channel> {
+    MplugSearchClient::new(channel(addr).await)
 }
 
 /// Encodes an image in `format`.
