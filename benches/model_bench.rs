@@ -1,12 +1,14 @@
 //! Model throughput at mPLUG-base shape (ViT-B/16 @ 384, BERT-base fusion) on random weights:
 //! vision encoder images/s at batch 1 and 8, and ITM rerank of 16 candidates, in f32 and (on
 //! CPUs with AVX512-BF16) bf16 weights and attention. Prints a table with the matmul FLOP rate
-//! and its share of the machine's f32 peak. With `--out DIR` it also writes the weights and
-//! inputs it used, plus its outputs and timings, so `scripts/bench-model.sh` can run PyTorch on
-//! the same weights.
+//! and its share of the machine's f32 peak, which it measures (12 independent chains of fused
+//! multiply-adds on every thread) unless `--peak` gives it. With `--out DIR` it also writes the
+//! weights and inputs it used, plus its outputs and timings, so `scripts/bench-model.sh` can
+//! run PyTorch on the same weights.
 //!
-//! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N] [--peak GFLOPS] [--b1]`;
-//! `--b1` times the vision encoder at batch 1 only (for profiling), without writing outputs.
+//! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N] [--peak GFLOPS] [--b1]
+//! [--f32]`; `--b1` times the vision encoder at batch 1 only and `--f32` skips bf16 (both for
+//! profiling); `--b1` writes no outputs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,35 +24,31 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const CANDIDATES: usize = 16;
 const TEXT_LEN: usize = 30;
 
-/// f32 peak of the reference machine: 2 Zen 4 cores × 32 FLOP/cycle × 2.6 GHz.
-const DEFAULT_PEAK_GFLOPS: f64 = 166.0;
-
 struct Args {
     out: Option<PathBuf>,
     iters: usize,
-    peak: f64,
+    /// The f32 peak in GFLOP/s given with `--peak`; measured when absent.
+    peak: Option<f64>,
     b1_only: bool,
+    f32_only: bool,
 }
 
 fn parse_args() -> Args {
     let mut args = Args {
         out: None,
         iters: 3,
-        peak: DEFAULT_PEAK_GFLOPS,
+        peak: None,
         b1_only: false,
+        f32_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => args.out = it.next().map(PathBuf::from),
             "--iters" => args.iters = it.next().and_then(|s| s.parse().ok()).unwrap_or(3),
-            "--peak" => {
-                args.peak = it
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(DEFAULT_PEAK_GFLOPS)
-            }
+            "--peak" => args.peak = it.next().and_then(|s| s.parse().ok()),
             "--b1" => args.b1_only = true,
+            "--f32" => args.f32_only = true,
             _ => {}
         }
     }
@@ -273,6 +271,92 @@ fn run(model: &Mplug, inp: &Inputs, label: &str, args: &Args, flops: &Flops) -> 
     }
 }
 
+/// The f32 multiply-add peak of this machine in GFLOP/s: every rayon thread at once runs 12
+/// independent chains of fused multiply-adds on the widest vectors the CPU has (AVX-512F or
+/// AVX2 with FMA), for about half a second; best of three. NaN on other CPUs.
+fn fma_peak_gflops() -> f64 {
+    const ITERS: u64 = 50_000_000;
+    let Some(lanes) = fma::lanes() else {
+        return f64::NAN;
+    };
+    let flops = rayon::current_num_threads() as f64 * ITERS as f64 * 12.0 * 2.0 * lanes as f64;
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let sums = rayon::broadcast(|_| fma::chains(ITERS));
+            std::hint::black_box(sums);
+            flops / start.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(f64::NAN, f64::max)
+}
+
+/// Chains of fused multiply-adds for [`fma_peak_gflops`].
+#[expect(unsafe_code, reason = "vector intrinsics behind a CPU feature check")]
+mod fma {
+    /// f32 lanes of the widest vectors [`chains`] uses on this CPU, if any.
+    pub fn lanes() -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Some(16);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Some(8);
+            }
+        }
+        None
+    }
+
+    /// Runs `iters` steps of 12 independent multiply-add chains; returns their sum so the work
+    /// cannot be dropped. Call only where [`lanes`] is `Some`.
+    pub fn chains(iters: u64) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        match lanes() {
+            // SAFETY: the CPU has AVX-512F.
+            Some(16) => return unsafe { x86::avx512(iters) },
+            // SAFETY: the CPU has AVX2 and FMA.
+            Some(8) => return unsafe { x86::avx2(iters) },
+            _ => {}
+        }
+        let _ = iters;
+        f32::NAN
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn avx512(iters: u64) -> f32 {
+            let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..iters {
+                for x in &mut acc {
+                    *x = _mm512_fmadd_ps(*x, a, b);
+                }
+            }
+            acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn avx2(iters: u64) -> f32 {
+            let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            let mut acc = [_mm256_setzero_ps(); 12];
+            for _ in 0..iters {
+                for x in &mut acc {
+                    *x = _mm256_fmadd_ps(*x, a, b);
+                }
+            }
+            let mut lanes = [0f32; 8];
+            acc.iter().fold(0.0, |sum, x| {
+                // SAFETY: `lanes` has room for 8 values.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *x) };
+                sum + lanes.iter().sum::<f32>()
+            })
+        }
+    }
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -314,12 +398,15 @@ fn main() {
         image: vision_flops(&cfg),
         rerank: rerank_flops(&cfg),
     };
+    let (peak, how) = match args.peak {
+        Some(given) => (given, "given"),
+        None => (fma_peak_gflops(), "measured"),
+    };
     println!(
-        "threads: {}, GFLOP per image {:.1}, per rerank {:.1}, f32 peak {:.0} GFLOP/s",
+        "threads: {}, GFLOP per image {:.1}, per rerank {:.1}, f32 peak {peak:.0} GFLOP/s ({how})",
         rayon::current_num_threads(),
         flops.image / 1e9,
         flops.rerank / 1e9,
-        args.peak
     );
     println!("load average before: {}", load_average());
 
@@ -328,7 +415,9 @@ fn main() {
     drop(f32_model);
     let mut rows = full.rows;
     let f32_len = rows.len();
-    if bf16::available() {
+    if args.f32_only {
+        println!("bf16: not run (--f32)");
+    } else if bf16::available() {
         let bf16_model = build(&cfg, &weights, DType::BF16);
         let half = run(&bf16_model, &inp, "bf16", &args, &flops);
         println!(
@@ -343,7 +432,7 @@ fn main() {
         println!("bf16: not run (this CPU has no avx512_bf16)");
     }
     println!("load average after: {}", load_average());
-    print_table(&rows, &rows[..f32_len], args.peak);
+    print_table(&rows, &rows[..f32_len], peak);
 
     if let (Some(dir), Some(itm)) = (&args.out, &full.itm) {
         write_outputs(dir, &weights, &inp, &full.embeds, itm, &rows);

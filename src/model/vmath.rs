@@ -1,6 +1,6 @@
 //! Row-wise maths of the inference kernels (the attention softmax, the QuickGELU epilogue of
 //! linear layers) on AVX-512 or AVX2 with FMA: `exp` as a branch-free polynomial the compiler
-//! turns into 16- or 8-lane vector code, sums and maxima kept in 8 partial lanes (the same
+//! turns into 16- or 8-lane vector code, sums and maxima kept in 64 partial lanes (the same
 //! summation order on both, so both give the same bits). CPUs with neither keep the scalar
 //! code of [`super::nn::activation_value`] and `f32::exp`.
 //!
@@ -21,8 +21,9 @@ const EXP_MIN: f32 = -87.336_55;
 /// Above this, `exp` overflows to infinity.
 const EXP_MAX: f32 = 88.722_83;
 
-/// Lanes of partial sums and maxima: one 256-bit register.
-const LANES: usize = 8;
+/// Lanes of partial sums and maxima: four 512-bit registers or eight 256-bit ones, enough
+/// independent chains to hide the adds' latency on either, in the same order on both.
+const LANES: usize = 64;
 
 /// `e^x` from a polynomial: NaN for NaN, 0 below [`EXP_MIN`], infinity above [`EXP_MAX`].
 #[inline(always)]
@@ -137,36 +138,58 @@ fn quick_gelu_body(xs: &mut [f32]) {
 
 #[inline(always)]
 fn softmax_body(row: &mut [f32], mask: Option<&[f32]>) {
-    if let Some(m) = mask {
-        row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
-    }
-    let mut maxima = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (m, x) in maxima.iter_mut().zip(chunk) {
-            *m = m.max(*x);
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&maxima)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = add_mask_and_max(row, mask);
 
-    for x in row.iter_mut() {
-        *x = exp(*x - max);
-    }
     let mut sums = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
+    let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
         for (s, x) in sums.iter_mut().zip(chunk) {
-            *s += x;
+            *x = exp(*x - max);
+            *s += *x;
         }
     }
-    let sum: f32 = chunks.remainder().iter().chain(&sums).sum();
-    let inv = 1.0 / sum;
+    for (s, x) in sums.iter_mut().zip(chunks.into_remainder()) {
+        *x = exp(*x - max);
+        *s += *x;
+    }
+    let inv = 1.0 / sums.iter().sum::<f32>();
+
     row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Adds `mask` to `row` (if given) and returns the row's maximum, in one pass with
+/// [`LANES`] independent maxima.
+#[inline(always)]
+fn add_mask_and_max(row: &mut [f32], mask: Option<&[f32]>) -> f32 {
+    // `x > m` rather than `f32::max`, which costs a NaN check per lane and step.
+    let greater = |m: f32, x: f32| if x > m { x } else { m };
+    let mut maxima = [f32::NEG_INFINITY; LANES];
+    if let Some(mask) = mask {
+        let mut chunks = row.chunks_exact_mut(LANES);
+        let mut masks = mask.chunks_exact(LANES);
+        for (chunk, mask) in (&mut chunks).zip(&mut masks) {
+            for ((m, x), add) in maxima.iter_mut().zip(chunk).zip(mask) {
+                *x += add;
+                *m = greater(*m, *x);
+            }
+        }
+        let tail = chunks.into_remainder().iter_mut().zip(masks.remainder());
+        for (m, (x, add)) in maxima.iter_mut().zip(tail) {
+            *x += add;
+            *m = greater(*m, *x);
+        }
+    } else {
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (m, x) in maxima.iter_mut().zip(chunk) {
+                *m = greater(*m, *x);
+            }
+        }
+        for (m, x) in maxima.iter_mut().zip(chunks.remainder()) {
+            *m = greater(*m, *x);
+        }
+    }
+    maxima.into_iter().fold(f32::NEG_INFINITY, greater)
 }
 
 #[cfg(target_arch = "x86_64")]
