@@ -46,7 +46,10 @@ fn parse_args() -> Args {
         match a.as_str() {
             "--out" => args.out = it.next().map(PathBuf::from),
             "--iters" => args.iters = it.next().and_then(|s| s.parse().ok()).unwrap_or(3),
-            "--peak" => args.peak = it.next().and_then(|s| s.parse().ok()),
+            "--peak" => {
+                let value = it.next().and_then(|s| s.parse().ok());
+                args.peak = Some(value.expect("--peak takes the f32 peak in GFLOP/s"));
+            }
             "--b1" => args.b1_only = true,
             "--f32" => args.f32_only = true,
             _ => {}
@@ -273,7 +276,7 @@ fn run(model: &Mplug, inp: &Inputs, label: &str, args: &Args, flops: &Flops) -> 
 
 /// The f32 multiply-add peak of this machine in GFLOP/s: every rayon thread at once runs 12
 /// independent chains of fused multiply-adds on the widest vectors the CPU has (AVX-512F or
-/// AVX2 with FMA), for about half a second; best of three. NaN on other CPUs.
+/// AVX2 with FMA), for about a tenth of a second; best of three. NaN on other CPUs.
 fn fma_peak_gflops() -> f64 {
     const ITERS: u64 = 50_000_000;
     let Some(lanes) = fma::lanes() else {

@@ -9,8 +9,8 @@ use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, InplaceOp1, InplaceOp2, Layout, Module,
-    Result, Shape, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout,
+    Module, Result, Shape, Tensor, D,
 };
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -433,7 +433,11 @@ impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if !self.differentiable {
             let xs = xs.contiguous()?;
-            return candle_nn::ops::layer_norm(&xs, &self.weight, &self.bias, self.eps as f32);
+            let eps = self.eps as f32;
+            if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+                return xs.apply_op3_no_bwd(&self.weight, &self.bias, &FusedLayerNorm { eps });
+            }
+            return candle_nn::ops::layer_norm(&xs, &self.weight, &self.bias, eps);
         }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?;
@@ -446,6 +450,75 @@ impl Module for LayerNorm {
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
     }
+}
+
+/// Rows per parallel work item of [`FusedLayerNorm`].
+const NORM_ROWS: usize = 16;
+
+/// Layer normalisation over the last dimension of contiguous f32 storage
+/// ([`super::vmath::layer_norm`] per row), rows spread over all threads, without a backward
+/// pass. Its operands are the input, the weight and the bias.
+struct FusedLayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for FusedLayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let xs = contiguous_f32(xs, xs_layout, op)?;
+        let weight = contiguous_f32(weight, weight_layout, op)?;
+        let bias = contiguous_f32(bias, bias_layout, op)?;
+        let dim = xs_layout.dims().last().copied().unwrap_or(1);
+        if weight.len() != dim || bias.len() != dim {
+            return Err(candle_core::Error::Msg(format!(
+                "{op}: rows of width {dim} with a weight of {} and a bias of {} values",
+                weight.len(),
+                bias.len()
+            )));
+        }
+
+        let mut out = vec![0f32; xs.len()];
+        if dim > 0 {
+            out.par_chunks_mut(dim * NORM_ROWS)
+                .zip(xs.par_chunks(dim * NORM_ROWS))
+                .for_each(|(out, xs)| {
+                    for (out, row) in out.chunks_exact_mut(dim).zip(xs.chunks_exact(dim)) {
+                        super::vmath::layer_norm(row, weight, bias, self.eps, out);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), xs_layout.shape().clone()))
+    }
+}
+
+/// The values of f32 CPU storage behind a contiguous layout; an error naming `op` otherwise.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &'static str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(values) = storage else {
+        return Err(candle_core::Error::UnsupportedDTypeForOp(
+            storage.dtype(),
+            op,
+        ));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(candle_core::Error::RequiresContiguous { op });
+    };
+    Ok(&values[start..end])
 }
 
 /// Applies an [`Activation`]. Untracked f32 CPU tensors go through one fused pass on all
@@ -489,18 +562,7 @@ impl CustomOp1 for FusedActivation {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(src) = storage else {
-            return Err(candle_core::Error::UnsupportedDTypeForOp(
-                storage.dtype(),
-                "fused-activation",
-            ));
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::RequiresContiguous {
-                op: "fused-activation",
-            });
-        };
-        let src = &src[start..end];
+        let src = contiguous_f32(storage, layout, self.name())?;
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(ACTIVATION_CHUNK)
             .zip(src.par_chunks(ACTIVATION_CHUNK))
@@ -593,20 +655,64 @@ mod tests {
     #[test]
     fn differentiable_layer_norm_matches_fused() -> Result<()> {
         let dev = Device::Cpu;
-        let xs = Tensor::randn(0f32, 1.0, (3, 5, 8), &dev)?;
-        let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
-        let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
-        let mut ln = LayerNorm {
-            weight: w,
-            bias: b,
+        for (width, offset) in [(1, 0.0), (8, 0.0), (100, 3.0), (768, 0.0), (768, 50.0)] {
+            let xs = (Tensor::randn(0f32, 1.0, (3, 5, width), &dev)? + offset)?;
+            let w = Tensor::randn(1f32, 0.1, width, &dev)?;
+            let b = Tensor::randn(0f32, 0.1, width, &dev)?;
+            let mut ln = LayerNorm {
+                weight: w.clone(),
+                bias: b.clone(),
+                eps: 1e-5,
+                differentiable: false,
+            };
+            let fused = ln.forward(&xs)?;
+            ln.differentiable = true;
+            let slow = ln.forward(&xs)?;
+            let candle = candle_nn::ops::layer_norm(&xs, &w, &b, 1e-5)?;
+
+            let reference = layer_norm_f64(&xs, &w, &b, 1e-5)?;
+            let diff = (&fused - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 3e-5, "{width} wide, mean {offset}: {diff} from f64");
+            // A large mean costs the others precision: candle's one-pass variance cancels,
+            // and both sum in one f32 chain.
+            if offset <= 3.0 {
+                for (other, name) in [(slow, "composed ops"), (candle, "candle's layer_norm")] {
+                    let diff = (&fused - other)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(
+                        diff < 2e-5,
+                        "{width} wide, mean {offset}: {name} differ by {diff}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer norm over the last dimension computed in f64.
+    fn layer_norm_f64(xs: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let xs = xs.to_dtype(DType::F64)?;
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centred = xs.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+        let (w, b) = (w.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+        normed
+            .broadcast_mul(&w)?
+            .broadcast_add(&b)?
+            .to_dtype(DType::F32)
+    }
+
+    #[test]
+    fn fused_layer_norm_refuses_a_weight_of_another_width() -> Result<()> {
+        let dev = Device::Cpu;
+        let ln = LayerNorm {
+            weight: Tensor::ones(7, DType::F32, &dev)?,
+            bias: Tensor::zeros(7, DType::F32, &dev)?,
             eps: 1e-5,
             differentiable: false,
         };
-        let fused = ln.forward(&xs)?;
-        ln.differentiable = true;
-        let slow = ln.forward(&xs)?;
-        let diff = (fused - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "layer norms differ by {diff}");
+        let err = ln.forward(&Tensor::ones((2, 8), DType::F32, &dev)?);
+        assert!(err.is_err_and(|e| e.to_string().contains("width 8")));
         Ok(())
     }
 

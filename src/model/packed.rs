@@ -117,12 +117,18 @@ pub(crate) mod testing {
         )
     }
 
-    /// Largest absolute difference between two equally long slices.
+    /// Largest absolute difference between two equally long slices: zero where they are equal
+    /// (infinities included) or both NaN, infinite where only one is NaN.
     pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter()
             .zip(b)
-            .map(|(a, b)| (a - b).abs())
+            .map(|(a, b)| match (a.is_nan(), b.is_nan()) {
+                (true, true) => 0.0,
+                (false, false) if a == b => 0.0,
+                (false, false) => (a - b).abs(),
+                _ => f32::INFINITY,
+            })
             .fold(0f32, f32::max)
     }
 

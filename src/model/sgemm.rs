@@ -295,10 +295,13 @@ fn pack_rows(xs: &[f32], in_dim: usize, mr: usize) -> Vec<f32> {
     packed
 }
 
-/// One microkernel call: `c = (accumulate ? c : 0) + a · b` for an `mr` × `nr` tile.
+/// One microkernel call: `c = (accumulate ? c : 0) + a · b` for an `mr` × `nr` tile, of
+/// which only the first `rows` rows are computed and stored.
 struct Tile {
     /// `kc` steps of `mr` packed activations, in groups (see [`pack_rows`]).
     a: *const f32,
+    /// Rows of the tile that hold input rows (1 to `mr`).
+    rows: usize,
     /// `kc` × `nr` packed weights.
     b: *const f32,
     kc: usize,
@@ -337,6 +340,7 @@ unsafe fn run_block(
                 let panel = &w.panels[(block.col / nr + j) * k * nr + p * nr..][..kc * nr];
                 let tile = Tile {
                     a: a.as_ptr(),
+                    rows: (block.rows - i * mr).min(mr),
                     b: panel.as_ptr(),
                     kc,
                     c: sums[i * mr * ldc + j * nr..].as_mut_ptr(),
@@ -478,6 +482,16 @@ mod x86 {
         }
     }
 
+    /// Calls `$tile::<$lanes, $mr, R, 2>(t)` for the tile's live row count `R`.
+    macro_rules! by_rows {
+        ($t:expr, $lanes:ty, $mr:literal, [$($r:literal)*]) => {
+            match $t.rows {
+                $($r => tile::<$lanes, $mr, $r, 2>($t),)*
+                _ => tile::<$lanes, $mr, $mr, 2>($t),
+            }
+        };
+    }
+
     /// `isa`'s tile shape with emulated registers: the same loop as the real kernel.
     ///
     /// # Safety
@@ -487,8 +501,8 @@ mod x86 {
         // SAFETY: forwarded from the caller.
         unsafe {
             match isa {
-                super::Isa::Avx2 => tile::<Emulated<8>, 6, 2>(t),
-                super::Isa::Avx512 => tile::<Emulated<16>, 12, 2>(t),
+                super::Isa::Avx2 => by_rows!(t, Emulated<8>, 6, [1 2 3 4 5]),
+                super::Isa::Avx512 => by_rows!(t, Emulated<16>, 12, [1 2 3 4 5 6 7 8 9 10 11]),
             }
         }
     }
@@ -501,7 +515,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_avx2(t: &Tile) {
         // SAFETY: forwarded from the caller.
-        unsafe { tile::<Ymm, 6, 2>(t) }
+        unsafe { by_rows!(t, Ymm, 6, [1 2 3 4 5]) }
     }
 
     /// The 12 × 32 AVX-512 tile.
@@ -512,20 +526,21 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_avx512(t: &Tile) {
         // SAFETY: forwarded from the caller.
-        unsafe { tile::<Zmm, 12, 2>(t) }
+        unsafe { by_rows!(t, Zmm, 12, [1 2 3 4 5 6 7 8 9 10 11]) }
     }
 
-    /// `MR` × `NV` registers of sums over `t.kc` steps, each step one broadcast per row and
-    /// one fused multiply-add per register.
+    /// `ROWS` × `NV` registers of sums over `t.kc` steps, each step one broadcast per row and
+    /// one fused multiply-add per register, for the first `ROWS` rows of a tile of `MR`: a
+    /// partial last tile of rows (one row while decoding) costs only its own rows.
     ///
     /// # Safety
     /// As the callers above, for `MR` rows and `NV · L::WIDTH` columns.
     #[inline(always)]
-    unsafe fn tile<L: Lanes, const MR: usize, const NV: usize>(t: &Tile) {
+    unsafe fn tile<L: Lanes, const MR: usize, const ROWS: usize, const NV: usize>(t: &Tile) {
         let width = NV * L::WIDTH;
         // SAFETY (whole body): every offset stays within what the caller guarantees.
         unsafe {
-            let mut acc = [[L::zero(); NV]; MR];
+            let mut acc = [[L::zero(); NV]; ROWS];
             if t.accumulate {
                 for (r, row) in acc.iter_mut().enumerate() {
                     for (v, sum) in row.iter_mut().enumerate() {

@@ -1,5 +1,5 @@
 //! Row-wise maths of the inference kernels (the attention softmax, the QuickGELU epilogue of
-//! linear layers) on AVX-512 or AVX2 with FMA: `exp` as a branch-free polynomial the compiler
+//! linear layers, layer normalisation) on AVX-512 or AVX2 with FMA: `exp` as a branch-free polynomial the compiler
 //! turns into 16- or 8-lane vector code, sums and maxima kept in 64 partial lanes (the same
 //! summation order on both, so both give the same bits). CPUs with neither keep the scalar
 //! code of [`super::nn::activation_value`] and `f32::exp`.
@@ -102,7 +102,12 @@ pub fn quick_gelu(xs: &mut [f32]) {
 
 /// Adds the additive `mask` (same length) if given, then a softmax in place:
 /// `exp(x - max) / sum`.
+///
+/// Panics (a caller bug, not input) when the mask's length differs from the row's.
 pub fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(mask) = mask {
+        assert_eq!(mask.len(), row.len(), "a softmax mask must match its row");
+    }
     #[cfg(target_arch = "x86_64")]
     match path() {
         // SAFETY: the CPU has AVX-512F and FMA.
@@ -112,6 +117,20 @@ pub fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
         Path::Scalar => {}
     }
     softmax_scalar(row, mask);
+}
+
+/// Layer normalisation of one row into `out` (same length): `(x - mean) / sqrt(var + eps) ·
+/// weight + bias`, with the mean and the (biased) variance of the row computed in two passes.
+pub fn layer_norm(row: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match path() {
+        // SAFETY: the CPU has AVX-512F and FMA.
+        Path::Avx512 => return unsafe { avx512::layer_norm(row, weight, bias, eps, out) },
+        // SAFETY: the CPU has AVX2 and FMA.
+        Path::Avx2 => return unsafe { avx2::layer_norm(row, weight, bias, eps, out) },
+        Path::Scalar => {}
+    }
+    layer_norm_body(row, weight, bias, eps, out);
 }
 
 /// [`softmax`] in scalar code.
@@ -192,6 +211,35 @@ fn add_mask_and_max(row: &mut [f32], mask: Option<&[f32]>) -> f32 {
     maxima.into_iter().fold(f32::NEG_INFINITY, greater)
 }
 
+#[inline(always)]
+fn layer_norm_body(row: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |x| x) / n;
+    let var = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+
+    for (((o, x), w), b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
+        *o = (x - mean) * inv * w + b;
+    }
+}
+
+/// The sum of `f(x)` over `xs` in [`LANES`] partial sums (element `i` goes to lane
+/// `i % LANES`), added up in lane order at the end.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut sums = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk) {
+            *s += f(*x);
+        }
+    }
+    for (s, x) in sums.iter_mut().zip(chunks.remainder()) {
+        *s += f(*x);
+    }
+    sums.iter().sum()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     /// # Safety
@@ -206,6 +254,19 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
         super::softmax_body(row, mask);
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn layer_norm(
+        row: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) {
+        super::layer_norm_body(row, weight, bias, eps, out);
     }
 }
 
@@ -223,6 +284,19 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
         super::softmax_body(row, mask);
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn layer_norm(
+        row: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) {
+        super::layer_norm_body(row, weight, bias, eps, out);
     }
 }
 
@@ -286,6 +360,39 @@ mod tests {
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "got {g}, want {w}"
             );
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_f64_and_both_widths_agree() {
+        for (len, offset) in [(1, 0.0), (7, 1.0), (64, 0.0), (577, -20.0), (768, 50.0)] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 11) as f32 * 0.3 - 1.5 + offset)
+                .collect();
+            let weight: Vec<f32> = (0..len).map(|i| 1.0 + (i % 5) as f32 * 0.1).collect();
+            let bias: Vec<f32> = (0..len).map(|i| (i % 3) as f32 * 0.2 - 0.2).collect();
+            let mut got = vec![0f32; len];
+            layer_norm(&row, &weight, &bias, 1e-5, &mut got);
+
+            let n = len as f64;
+            let mean = row.iter().map(|&x| x as f64).sum::<f64>() / n;
+            let var = row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+            for (i, g) in got.iter().enumerate() {
+                let want = (row[i] as f64 - mean) / (var + 1e-5).sqrt() * weight[i] as f64
+                    + bias[i] as f64;
+                assert!(
+                    (*g as f64 - want).abs() < 1e-5,
+                    "len {len}: got {g}, want {want}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if path() == Path::Avx512 {
+                let mut narrow = vec![0f32; len];
+                assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+                // SAFETY: the CPU has AVX2 and FMA, asserted above.
+                unsafe { avx2::layer_norm(&row, &weight, &bias, 1e-5, &mut narrow) };
+                assert_eq!(got, narrow, "both vector widths give the same bits");
+            }
         }
     }
 
