@@ -654,11 +654,18 @@ mod tests {
 
     #[test]
     fn differentiable_layer_norm_matches_fused() -> Result<()> {
+        use crate::model::packed::testing::random;
         let dev = Device::Cpu;
+        // Seeded inputs: with unseeded ones, candle's one-pass variance at mean 3 strayed past
+        // the 2e-5 bound below in about 1 run in 200.
+        let seeded = |len: usize, seed: u64, scale: f64, offset: f64| {
+            (Tensor::from_vec(random(len, seed), len, &dev)? * scale)? + offset
+        };
         for (width, offset) in [(1, 0.0), (8, 0.0), (100, 3.0), (768, 0.0), (768, 50.0)] {
-            let xs = (Tensor::randn(0f32, 1.0, (3, 5, width), &dev)? + offset)?;
-            let w = Tensor::randn(1f32, 0.1, width, &dev)?;
-            let b = Tensor::randn(0f32, 0.1, width, &dev)?;
+            let seed = width as u64;
+            let xs = seeded(15 * width, seed, 1.7, offset)?.reshape((3, 5, width))?;
+            let w = seeded(width, seed + 1, 0.17, 1.0)?;
+            let b = seeded(width, seed + 2, 0.17, 0.0)?;
             let mut ln = LayerNorm {
                 weight: w.clone(),
                 bias: b.clone(),
