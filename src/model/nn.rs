@@ -480,14 +480,17 @@ impl CustomOp3 for FusedLayerNorm {
         let xs = contiguous_f32(xs, xs_layout, op)?;
         let weight = contiguous_f32(weight, weight_layout, op)?;
         let bias = contiguous_f32(bias, bias_layout, op)?;
-        let dim = xs_layout.dims().last().copied().unwrap_or(1);
-        if weight.len() != dim || bias.len() != dim {
+        let dim = xs_layout.dims().last().copied();
+        let vector = |l: &Layout| (l.dims().len() == 1).then(|| l.dims()[0]);
+        let (w_dims, b_dims) = (vector(weight_layout), vector(bias_layout));
+        let Some(dim) = dim.filter(|&d| w_dims == Some(d) && b_dims == Some(d)) else {
             return Err(candle_core::Error::Msg(format!(
-                "{op}: rows of width {dim} with a weight of {} and a bias of {} values",
-                weight.len(),
-                bias.len()
+                "{op}: input of shape {:?} with a weight of shape {:?} and a bias of shape {:?}",
+                xs_layout.dims(),
+                weight_layout.dims(),
+                bias_layout.dims()
             )));
-        }
+        };
 
         let mut out = vec![0f32; xs.len()];
         if dim > 0 {
@@ -710,16 +713,20 @@ mod tests {
     }
 
     #[test]
-    fn fused_layer_norm_refuses_a_weight_of_another_width() -> Result<()> {
+    fn fused_layer_norm_refuses_weights_that_do_not_fit_the_rows() -> Result<()> {
         let dev = Device::Cpu;
-        let ln = LayerNorm {
-            weight: Tensor::ones(7, DType::F32, &dev)?,
-            bias: Tensor::zeros(7, DType::F32, &dev)?,
-            eps: 1e-5,
-            differentiable: false,
-        };
-        let err = ln.forward(&Tensor::ones((2, 8), DType::F32, &dev)?);
-        assert!(err.is_err_and(|e| e.to_string().contains("width 8")));
+        let ones = |shape: &[usize]| Tensor::ones(shape, DType::F32, &dev);
+        for (input, weight) in [(&[2, 8][..], &[7][..]), (&[2, 8], &[1, 8]), (&[], &[1])] {
+            let ln = LayerNorm {
+                weight: ones(weight)?,
+                bias: ones(weight)?.zeros_like()?,
+                eps: 1e-5,
+                differentiable: false,
+            };
+            let err = ln.forward(&ones(input)?).expect_err("refused");
+            let want = format!("input of shape {input:?} with a weight of shape {weight:?}");
+            assert!(err.to_string().contains(&want), "{err}");
+        }
         Ok(())
     }
 

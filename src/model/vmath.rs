@@ -120,9 +120,20 @@ pub fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
     softmax_scalar(row, mask);
 }
 
-/// Layer normalisation of one row into `out` (same length): `(x - mean) / sqrt(var + eps) ·
-/// weight + bias`, with the mean and the (biased) variance of the row computed in two passes.
+/// Layer normalisation of one row into `out`: `(x - mean) / sqrt(var + eps) · weight + bias`,
+/// with the mean corrected by a second pass over `x - mean` (so a row of equal values gives
+/// exactly `bias`, even far from zero) and then the (biased) variance of the row.
+///
+/// Panics (a caller bug, not input) when `weight`, `bias` or `out` is not as long as `row`.
 pub fn layer_norm(row: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let n = row.len();
+    assert!(
+        weight.len() == n && bias.len() == n && out.len() == n,
+        "layer norm of {n} values with {} weights, {} biases and room for {}",
+        weight.len(),
+        bias.len(),
+        out.len()
+    );
     #[cfg(target_arch = "x86_64")]
     match path() {
         // SAFETY: the CPU has AVX-512F and FMA.
@@ -216,6 +227,7 @@ fn add_mask_and_max(row: &mut [f32], mask: Option<&[f32]>) -> f32 {
 fn layer_norm_body(row: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
     let n = row.len() as f32;
     let mean = lane_sum(row, |x| x) / n;
+    let mean = mean + lane_sum(row, |x| x - mean) / n;
     let var = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
     let inv = 1.0 / (var + eps).sqrt();
 
@@ -361,6 +373,17 @@ mod tests {
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "got {g}, want {w}"
             );
+        }
+    }
+
+    #[test]
+    fn layer_norm_of_equal_values_is_the_bias() {
+        for (len, value) in [(1, 1000.1), (7, -7.7), (768, 0.1), (1000, 12345.6)] {
+            let row = vec![value; len];
+            let bias: Vec<f32> = (0..len).map(|i| i as f32 * 0.01).collect();
+            let mut out = vec![f32::NAN; len];
+            layer_norm(&row, &vec![1.5; len], &bias, 1e-12, &mut out);
+            assert_eq!(out, bias, "{len} values of {value}");
         }
     }
 
