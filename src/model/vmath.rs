@@ -253,65 +253,44 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     sums.iter().sum()
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn quick_gelu(xs: &mut [f32]) {
-        super::quick_gelu_body(xs);
-    }
+/// A module of the vector paths compiled for one set of target features: each function is
+/// the shared body, which the compiler vectorises for those features.
+macro_rules! vector_paths {
+    ($name:ident, $features:literal, $cpu:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            /// # Safety
+            #[doc = $cpu]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn quick_gelu(xs: &mut [f32]) {
+                super::quick_gelu_body(xs);
+            }
 
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
-        super::softmax_body(row, mask);
-    }
+            /// # Safety
+            #[doc = $cpu]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
+                super::softmax_body(row, mask);
+            }
 
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn layer_norm(
-        row: &[f32],
-        weight: &[f32],
-        bias: &[f32],
-        eps: f32,
-        out: &mut [f32],
-    ) {
-        super::layer_norm_body(row, weight, bias, eps, out);
-    }
+            /// # Safety
+            #[doc = $cpu]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn layer_norm(
+                row: &[f32],
+                weight: &[f32],
+                bias: &[f32],
+                eps: f32,
+                out: &mut [f32],
+            ) {
+                super::layer_norm_body(row, weight, bias, eps, out);
+            }
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    /// # Safety
-    /// The CPU has AVX-512F and FMA.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn quick_gelu(xs: &mut [f32]) {
-        super::quick_gelu_body(xs);
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F and FMA.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
-        super::softmax_body(row, mask);
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F and FMA.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn layer_norm(
-        row: &[f32],
-        weight: &[f32],
-        bias: &[f32],
-        eps: f32,
-        out: &mut [f32],
-    ) {
-        super::layer_norm_body(row, weight, bias, eps, out);
-    }
-}
+vector_paths!(avx2, "avx2,fma", "The CPU has AVX2 and FMA.");
+vector_paths!(avx512, "avx512f,avx2,fma", "The CPU has AVX-512F and FMA.");
 
 #[cfg(test)]
 mod tests {
