@@ -477,9 +477,9 @@ impl CustomOp3 for FusedLayerNorm {
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let xs = contiguous_f32(xs, xs_layout, op)?;
-        let weight = contiguous_f32(weight, weight_layout, op)?;
-        let bias = contiguous_f32(bias, bias_layout, op)?;
+        let xs = f32_slice(xs, xs_layout, op)?;
+        let weight = f32_slice(weight, weight_layout, op)?;
+        let bias = f32_slice(bias, bias_layout, op)?;
         let dim = xs_layout.dims().last().copied();
         let vector = |l: &Layout| (l.dims().len() == 1).then(|| l.dims()[0]);
         let (w_dims, b_dims) = (vector(weight_layout), vector(bias_layout));
@@ -504,24 +504,6 @@ impl CustomOp3 for FusedLayerNorm {
         }
         Ok((CpuStorage::F32(out), xs_layout.shape().clone()))
     }
-}
-
-/// The values of f32 CPU storage behind a contiguous layout; an error naming `op` otherwise.
-fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &'static str,
-) -> Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        return Err(candle_core::Error::UnsupportedDTypeForOp(
-            storage.dtype(),
-            op,
-        ));
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(candle_core::Error::RequiresContiguous { op });
-    };
-    Ok(&values[start..end])
 }
 
 /// Applies an [`Activation`]. Untracked f32 CPU tensors go through one fused pass on all
@@ -565,7 +547,7 @@ impl CustomOp1 for FusedActivation {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(storage, layout, self.name())?;
+        let src = f32_slice(storage, layout, self.name())?;
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(ACTIVATION_CHUNK)
             .zip(src.par_chunks(ACTIVATION_CHUNK))
