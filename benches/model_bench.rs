@@ -7,8 +7,9 @@
 //! run PyTorch on the same weights.
 //!
 //! Run: `cargo bench --bench model_bench -- [--out DIR] [--iters N] [--peak GFLOPS] [--b1]
-//! [--f32]`; `--b1` times the vision encoder at batch 1 only and `--f32` skips bf16 (both for
-//! profiling); `--b1` writes no outputs.
+//! [--rerank] [--f32 | --bf16]`, the last four for profiling: `--b1` times the vision encoder at
+//! batch 1 only, `--rerank` skips batch 8, `--f32` skips bf16 and `--bf16` skips f32. Only a full
+//! f32 run writes outputs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,9 @@ struct Args {
     /// The f32 peak in GFLOP/s given with `--peak`; measured when absent.
     peak: Option<f64>,
     b1_only: bool,
+    rerank_only: bool,
     f32_only: bool,
+    bf16_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -39,7 +42,9 @@ fn parse_args() -> Args {
         iters: 3,
         peak: None,
         b1_only: false,
+        rerank_only: false,
         f32_only: false,
+        bf16_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -51,7 +56,9 @@ fn parse_args() -> Args {
                 args.peak = Some(value.expect("--peak takes the f32 peak in GFLOP/s"));
             }
             "--b1" => args.b1_only = true,
+            "--rerank" => args.rerank_only = true,
             "--f32" => args.f32_only = true,
+            "--bf16" => args.bf16_only = true,
             _ => {}
         }
     }
@@ -232,7 +239,11 @@ struct Outcome {
 fn run(model: &Mplug, inp: &Inputs, label: &str, args: &Args, flops: &Flops) -> Outcome {
     let mut rows = Vec::new();
     let mut v1 = None;
-    let batches: &[usize] = if args.b1_only { &[1] } else { &[1, 8] };
+    let batches: &[usize] = if args.b1_only || args.rerank_only {
+        &[1]
+    } else {
+        &[1, 8]
+    };
     for &batch in batches {
         let px = inp.pixels.narrow(0, 0, batch).expect("batch");
         let (s, v) = time(args.iters, || model.encode_image(&px).expect("vision"));
@@ -413,32 +424,45 @@ fn main() {
     );
     println!("load average before: {}", load_average());
 
-    let f32_model = build(&cfg, &weights, DType::F32);
-    let full = run(&f32_model, &inp, "f32", &args, &flops);
-    drop(f32_model);
-    let mut rows = full.rows;
-    let f32_len = rows.len();
+    let full = (!args.bf16_only).then(|| {
+        let f32_model = build(&cfg, &weights, DType::F32);
+        run(&f32_model, &inp, "f32", &args, &flops)
+    });
+    let mut rows = Vec::new();
     if args.f32_only {
         println!("bf16: not run (--f32)");
     } else if bf16::available() {
         let bf16_model = build(&cfg, &weights, DType::BF16);
         let half = run(&bf16_model, &inp, "bf16", &args, &flops);
-        println!(
-            "bf16 vs f32: ITC image embeddings max|diff| {:.2e}",
-            max_diff(&half.embeds, &full.embeds)
-        );
-        if let (Some(h), Some(f)) = (&half.itm, &full.itm) {
-            println!("bf16 vs f32: ITM logits max|diff| {:.2e}", max_diff(h, f));
+        if let Some(full) = &full {
+            print_bf16_diffs(&half, full);
         }
-        rows.extend(half.rows);
+        rows = half.rows;
     } else {
         println!("bf16: not run (this CPU has no avx512_bf16)");
     }
     println!("load average after: {}", load_average());
+    let Some(full) = full else {
+        print_table(&rows, &rows, peak);
+        return;
+    };
+    let f32_len = full.rows.len();
+    rows.splice(0..0, full.rows);
     print_table(&rows, &rows[..f32_len], peak);
 
-    if let (Some(dir), Some(itm)) = (&args.out, &full.itm) {
+    let complete = !args.b1_only && !args.rerank_only;
+    if let (Some(dir), Some(itm), true) = (&args.out, &full.itm, complete) {
         write_outputs(dir, &weights, &inp, &full.embeds, itm, &rows);
+    }
+}
+
+fn print_bf16_diffs(half: &Outcome, full: &Outcome) {
+    println!(
+        "bf16 vs f32: ITC image embeddings max|diff| {:.2e}",
+        max_diff(&half.embeds, &full.embeds)
+    );
+    if let (Some(h), Some(f)) = (&half.itm, &full.itm) {
+        println!("bf16 vs f32: ITM logits max|diff| {:.2e}", max_diff(h, f));
     }
 }
 

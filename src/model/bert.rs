@@ -10,7 +10,10 @@ use candle_nn::{Init, VarBuilder};
 
 use super::attend;
 use super::config::{Activation, BertConfig, MaskConfig};
-use super::nn::{additive_mask, attention, causal_mask, split_heads, LayerNorm, Linear, Packing};
+use super::nn::{
+    additive_mask, attention, by_row_slices, causal_mask, split_heads, LayerNorm, Linear, Packing,
+    FFN_SLICE_ROWS,
+};
 
 const EMBEDDING_INIT: Init = Init::Randn {
     mean: 0.0,
@@ -214,8 +217,15 @@ impl BertFeedForward {
         })
     }
 
-    /// (B, L, H) → (B, L, H).
+    /// (B, L, H) → (B, L, H); on the bf16 kernel in slices of [`FFN_SLICE_ROWS`] rows.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.intermediate.is_bf16() {
+            return by_row_slices(xs, FFN_SLICE_ROWS, |x| self.forward_rows(x));
+        }
+        self.forward_rows(xs)
+    }
+
+    fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.intermediate.forward_with(xs, Some(self.act), None)?;
         self.norm
             .forward(&self.output.forward_with(&h, None, Some(xs))?)

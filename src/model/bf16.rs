@@ -683,7 +683,11 @@ mod amx {
     }
 
     /// One task's block on the tile unit: configures the tiles, multiplies every 32-row ×
-    /// [`NR`]-column block and hands it to the sink, then releases the tiles.
+    /// [`NR`]-column block, then releases the tiles and has the sink finish the whole block.
+    /// Whole blocks are stored straight into the output; the epilogue runs once the block is
+    /// complete, over rows of the block's full width, instead of after each 32 × 32 tile:
+    /// per tile, the epilogue's loads waited on the tile stores just before them, and calls
+    /// on 32 values cost more than their arithmetic.
     ///
     /// # Safety
     /// [`usable`] is true and `w.in_dim` is a multiple of [`INPUTS`]; `a` holds the rows
@@ -695,23 +699,40 @@ mod amx {
         let (row_end, col_end) = (block.rows.end, block.cols.end);
         let mut tile = Tile([0f32; ROWS * NR]);
         // SAFETY: the CPU supports AMX and the process holds the tile state (caller).
-        let _tiles = unsafe { Configured::new(&Config::new()) };
+        let tiles = unsafe { Configured::new(&Config::new()) };
         for col in block.cols.clone().step_by(NR) {
             let panel = &w.panels[(col / NR) * pairs * NR * 2..][..pairs * NR * 2];
             for row in block.rows.clone().step_by(ROWS) {
                 let lhs = &a[row * pairs..][..ROWS * pairs];
-                // SAFETY: tiles are configured; the slices hold what `product` reads.
-                unsafe { product(lhs, panel, pairs, &mut tile) };
-                let out = Span {
+                let span = Span {
                     row,
                     col,
                     rows: (row_end - row).min(ROWS),
                     cols: (col_end - col).min(NR),
                 };
-                // SAFETY: forwarded from the caller: the span lies in this task's block.
-                unsafe { sink.write(&tile.0, NR, &out) };
+                // SAFETY: tiles are configured; the slices hold what `product` reads; a whole
+                // span (32 rows × NR columns) lies in this task's block of the output, whose
+                // rows are `sink.stride` values apart; a partial one goes through `tile`.
+                unsafe {
+                    if span.rows == ROWS && span.cols == NR {
+                        product(lhs, panel, pairs, sink.at(row, col), sink.stride);
+                    } else {
+                        product(lhs, panel, pairs, tile.0.as_mut_ptr(), NR);
+                        sink.store(&tile.0, NR, &span);
+                    }
+                }
             }
         }
+        drop(tiles);
+
+        let whole = Span {
+            row: block.rows.start,
+            col: block.cols.start,
+            rows: block.rows.len(),
+            cols: block.cols.len(),
+        };
+        // SAFETY: the loops above wrote every value of the block, which is this task's.
+        unsafe { sink.finish(&whole) };
     }
 
     /// Tiles configured on this thread until dropped, which releases them, on a panic too:
@@ -747,15 +768,17 @@ mod amx {
         unreachable!("AMX is never usable off x86_64");
     }
 
-    /// `tile = a · panel` for 32 rows of `a` (`pairs` u32 pairs each) and one panel of
-    /// [`NR`] columns, 32 inputs per step: two activation tiles (rows 0–15, 16–31) times
-    /// two weight tiles (columns 0–15, 16–31) into four accumulators, stored at the end.
+    /// `c = a · panel` for 32 rows of `a` (`pairs` u32 pairs each) and one panel of [`NR`]
+    /// columns, 32 inputs per step: two activation tiles (rows 0–15, 16–31) times two weight
+    /// tiles (columns 0–15, 16–31) into four accumulators, stored at the end as 32 rows of
+    /// [`NR`] values from `c`, `ldc` values apart.
     ///
     /// # Safety
     /// Tiles are configured as [`Config::new`] describes; `pairs` is a positive multiple of
-    /// 16; `a` holds 32 × `pairs` values and `panel` `pairs` × [`NR`] × 2.
+    /// 16; `a` holds 32 × `pairs` values and `panel` `pairs` × [`NR`] × 2; `c` may be written
+    /// at 32 rows of [`NR`] values, `ldc` apart.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn product(a: &[u32], panel: &[u16], pairs: usize, tile: &mut Tile) {
+    unsafe fn product(a: &[u32], panel: &[u16], pairs: usize, c: *mut f32, ldc: usize) {
         assert!(pairs > 0 && pairs.is_multiple_of(INPUTS / 2));
         assert!(a.len() >= ROWS * pairs && panel.len() >= pairs * NR * 2);
         let steps = pairs / (INPUTS / 2);
@@ -763,7 +786,8 @@ mod amx {
         // SAFETY: every load reads 16 rows of 64 bytes: activation rows `r` and `16 + r` at
         // byte offset 64·step (inside a row of `row_bytes`), weight pairs 16·step.. at
         // `PANEL_PAIR_BYTES` apart (inside the panel); the stores write 32 rows of 128 bytes
-        // into `tile`. Only tile registers, the named operands and flags change.
+        // from `c`, `ldc` values apart (the caller's contract). Only tile registers, the
+        // named operands and flags change.
         unsafe {
             std::arch::asm!(
                 "tilezero tmm0",
@@ -786,8 +810,8 @@ mod amx {
                 "jnz 2b",
                 "tilestored [{c} + {ldc}], tmm0",
                 "tilestored [{c} + {ldc} + 64], tmm1",
-                "tilestored [{c} + {ldc} + {half}], tmm2",
-                "tilestored [{c} + {ldc} + {half} + 64], tmm3",
+                "tilestored [{c16} + {ldc}], tmm2",
+                "tilestored [{c16} + {ldc} + 64], tmm3",
                 a = inout(reg) a.as_ptr() => _,
                 a16 = inout(reg) a.as_ptr().add(16 * pairs) => _,
                 lda = in(reg) row_bytes,
@@ -795,9 +819,9 @@ mod amx {
                 ldb = in(reg) PANEL_PAIR_BYTES,
                 step_bytes = const (INPUTS / 2) * PANEL_PAIR_BYTES,
                 steps = inout(reg) steps => _,
-                c = in(reg) tile.0.as_mut_ptr(),
-                ldc = in(reg) NR * 4,
-                half = const 16 * NR * 4,
+                c = in(reg) c,
+                c16 = in(reg) c.add(16 * ldc),
+                ldc = in(reg) ldc * 4,
                 options(nostack),
             );
         }

@@ -228,6 +228,44 @@ impl Linear {
     }
 }
 
+/// Rows per slice of a bf16 feed-forward block run by [`by_row_slices`]. Run over all rows
+/// at once, the block's f32 intermediate (four times the input's width) goes out to memory
+/// and back, and on the AMX tile unit that traffic costs as much as the products; 384 rows
+/// of a 3072-wide intermediate (4.5 MiB) stay in cache. The f32 kernel gains nothing from
+/// slicing (its products are slow enough to hide the traffic), so only bf16 blocks slice.
+pub const FFN_SLICE_ROWS: usize = 384;
+
+/// `f` over slices of the rows of `xs` (…, in), joined into (…, out): whole when it has at
+/// most `slice_rows` rows, otherwise in as few slices of at most `slice_rows` rows as
+/// possible, of equal size rounded up to whole 32-row tiles (the last one shorter). `f` maps
+/// (n, in) rows to (n, out) rows, each row on its own. Errors are `f`'s and the shapes'.
+pub fn by_row_slices(
+    xs: &Tensor,
+    slice_rows: usize,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let in_dim = dims.last().copied().unwrap_or(1).max(1);
+    let rows = xs.elem_count() / in_dim;
+    if rows <= slice_rows.max(1) {
+        return f(xs);
+    }
+
+    let count = rows.div_ceil(slice_rows.max(1));
+    let size = rows.div_ceil(count).next_multiple_of(32);
+    let flat = xs.reshape((rows, in_dim))?;
+    let parts = (0..rows)
+        .step_by(size)
+        .map(|start| f(&flat.narrow(0, start, size.min(rows - start))?))
+        .collect::<Result<Vec<_>>>()?;
+    let joined = Tensor::cat(&parts, 0)?;
+
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = joined.dim(1)?;
+    joined.reshape(out)
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_with(xs, None, None)
@@ -329,7 +367,8 @@ impl CustomOp2 for PackedLinear {
 }
 
 /// In place on a fresh (rows, out) f32 matmul output: `act(y + bias)`, then `+ residual`
-/// when run as the two-operand op. Same per-element arithmetic as the composed ops.
+/// when run as the two-operand op, by [`super::vmath::finish`] (the composed ops' arithmetic,
+/// except that the exact GELU's `erf` is a polynomial within 1.4e-7 of libm's).
 struct BiasActivation {
     bias: Option<Vec<f32>>,
     act: Option<Activation>,
@@ -339,16 +378,8 @@ impl BiasActivation {
     fn apply(&self, ys: &mut [f32], residual: Option<&[f32]>, width: usize) {
         let rows = ys.par_chunks_mut(width).enumerate();
         rows.for_each(|(i, row)| {
-            if let Some(b) = &self.bias {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
-            if let Some(act) = self.act {
-                row.iter_mut().for_each(|y| *y = activation_value(act, *y));
-            }
-            if let Some(r) = residual {
-                let r = &r[i * width..][..width];
-                row.iter_mut().zip(r).for_each(|(y, r)| *y += r);
-            }
+            let residual = residual.map(|r| &r[i * width..][..width]);
+            super::vmath::finish(row, self.bias.as_deref(), self.act, residual);
         });
     }
 }
@@ -507,8 +538,8 @@ impl CustomOp3 for FusedLayerNorm {
 }
 
 /// Applies an [`Activation`]. Untracked f32 CPU tensors go through one fused pass on all
-/// threads with the same per-element arithmetic; tensors that need gradients (or other dtypes
-/// and devices) use composed, differentiable ops.
+/// threads ([`super::vmath::activate`], within 1e-7 · |x| of the composed ops); tensors that
+/// need gradients (or other dtypes and devices) use composed, differentiable ops.
 pub fn activate(xs: &Tensor, act: Activation) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 && !xs.track_op() {
         return xs.contiguous()?.apply_op1_no_bwd(&FusedActivation(act));
@@ -552,9 +583,8 @@ impl CustomOp1 for FusedActivation {
         dst.par_chunks_mut(ACTIVATION_CHUNK)
             .zip(src.par_chunks(ACTIVATION_CHUNK))
             .for_each(|(d, s)| {
-                for (d, &s) in d.iter_mut().zip(s) {
-                    *d = activation_value(self.0, s);
-                }
+                d.copy_from_slice(s);
+                super::vmath::activate(d, self.0);
             });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
@@ -767,6 +797,37 @@ mod tests {
         assert_eq!(rows[0], vec![0.0, -100.0, -100.0]);
         assert_eq!(rows[1], vec![0.0, 0.0, -100.0]);
         assert_eq!(rows[2], vec![0.0, 0.0, -100.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn row_slices_join_to_the_whole_result() -> Result<()> {
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &Device::Cpu)?;
+        for (batch, len) in [(1, 1), (2, 3), (1, 384), (1, 385), (4, 250), (3, 1000)] {
+            let xs = Tensor::randn(0f32, 1.0, (batch, len, 3), &Device::Cpu)?;
+            let calls = std::cell::RefCell::new(Vec::new());
+            let f = |x: &Tensor| {
+                calls.borrow_mut().push(x.elem_count() / 3);
+                x.broadcast_matmul(&w.t()?)?.tanh()
+            };
+            let sliced = by_row_slices(&xs, 384, f)?;
+            let rows = batch * len;
+            let whole = xs.reshape((rows, 3))?.matmul(&w.t()?)?.tanh()?;
+            assert_eq!(sliced.dims(), &[batch, len, 5]);
+            let diff = (sliced.reshape((rows, 5))? - whole)?.abs()?.max_all()?;
+            let diff = diff.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{batch} × {len}: {diff}");
+
+            let calls = calls.into_inner();
+            assert_eq!(calls.iter().sum::<usize>(), rows);
+            assert_eq!(calls.len(), rows.div_ceil(384));
+            assert!(calls.iter().all(|&n| n <= 384), "{calls:?}");
+            let full = &calls[..calls.len() - 1];
+            assert!(
+                full.iter().all(|&n| n % 32 == 0 && n == calls[0]),
+                "{calls:?}"
+            );
+        }
         Ok(())
     }
 

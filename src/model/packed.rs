@@ -8,7 +8,6 @@
 )]
 
 use super::config::Activation;
-use super::nn::activation_value;
 
 /// What happens to each output tile after the matmul: `act(x·Wᵀ + bias) + residual`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -52,30 +51,59 @@ impl Sink<'_> {
     /// # Safety
     /// `span` lies within the output behind `dst`, which no other thread writes there.
     pub(crate) unsafe fn write(&self, tile: &[f32], stride: usize, span: &Span) {
-        let n = self.stride;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.store(tile, stride, span);
+            self.finish(span);
+        }
+    }
+
+    /// Copies `span` from the tile (row-major, `stride` values per row) to the output as it
+    /// is, for [`Self::finish`] to complete.
+    ///
+    /// # Safety
+    /// As for [`Self::write`].
+    pub(crate) unsafe fn store(&self, tile: &[f32], stride: usize, span: &Span) {
         for r in 0..span.rows {
-            let at = (span.row + r) * n + span.col;
             let src = &tile[r * stride..][..span.cols];
-            // SAFETY: `at .. at + cols` is inside the output and owned by this task; the
-            // copy initialises it before the slice is formed.
-            let out = unsafe {
-                let dst = self.dst.0.add(at);
+            // SAFETY: the row's `cols` values from `at` are inside the output and owned by
+            // this task (the caller's contract).
+            unsafe {
+                let dst = self.at(span.row + r, span.col);
                 std::ptr::copy_nonoverlapping(src.as_ptr(), dst, span.cols);
-                std::slice::from_raw_parts_mut(dst, span.cols)
-            };
-            if let Some(b) = self.bias {
-                out.iter_mut()
-                    .zip(&b[span.col..])
-                    .for_each(|(o, b)| *o += b);
             }
-            match self.epilogue.act {
-                Some(Activation::QuickGelu) => super::vmath::quick_gelu(out),
-                Some(act) => out.iter_mut().for_each(|o| *o = activation_value(act, *o)),
-                None => {}
-            }
-            if let Some(res) = self.epilogue.residual {
-                out.iter_mut().zip(&res[at..]).for_each(|(o, r)| *o += r);
-            }
+        }
+    }
+
+    /// Where output value (`row`, `col`) lives; the rows that follow are [`Self::stride`]
+    /// values apart.
+    ///
+    /// # Safety
+    /// (`row`, `col`) lies within the output behind `dst`.
+    pub(crate) unsafe fn at(&self, row: usize, col: usize) -> *mut f32 {
+        // SAFETY: in bounds (the caller's contract).
+        unsafe { self.dst.0.add(row * self.stride + col) }
+    }
+
+    /// Applies the bias, activation and residual in place to `span` of the output, whose
+    /// values the task has already written (by [`Self::store`] or directly through
+    /// [`Self::at`]). Does nothing without a bias, activation or residual.
+    ///
+    /// # Safety
+    /// As for [`Self::write`], and every value of `span` is initialised.
+    pub(crate) unsafe fn finish(&self, span: &Span) {
+        let Epilogue { act, residual } = self.epilogue;
+        if self.bias.is_none() && act.is_none() && residual.is_none() {
+            return;
+        }
+        for r in 0..span.rows {
+            let at = (span.row + r) * self.stride + span.col;
+            // SAFETY: the row's `cols` values from `at` are inside the output, owned by this
+            // task and initialised (the caller's contract).
+            let out = unsafe { std::slice::from_raw_parts_mut(self.dst.0.add(at), span.cols) };
+            let bias = self.bias.map(|b| &b[span.col..][..span.cols]);
+            let residual = residual.map(|r| &r[at..][..span.cols]);
+            super::vmath::finish(out, bias, act, residual);
         }
     }
 }

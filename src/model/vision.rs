@@ -10,7 +10,9 @@ use candle_nn::{Init, VarBuilder};
 
 use super::attend::{fused_attention, Products};
 use super::config::{AdapterConfig, VisionConfig};
-use super::nn::{attention, split_heads, LayerNorm, Linear, Packing};
+use super::nn::{
+    attention, by_row_slices, split_heads, LayerNorm, Linear, Packing, FFN_SLICE_ROWS,
+};
 
 /// Multi-head self-attention with packed q/k/v (`nn.MultiheadAttention` layout).
 ///
@@ -95,16 +97,22 @@ impl VisionBlock {
         })
     }
 
-    /// (B, L, W) → (B, L, W).
+    /// (B, L, W) → (B, L, W); the MLP on the bf16 kernel in slices of [`FFN_SLICE_ROWS`] rows.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self
             .attn
             .forward_residual(&self.ln_1.forward(xs)?, Some(xs))?;
+        if self.c_fc.is_bf16() {
+            return by_row_slices(&xs, FFN_SLICE_ROWS, |x| self.mlp(x));
+        }
+        self.mlp(&xs)
+    }
+
+    /// `x + c_proj(act(c_fc(ln_2(x))))`.
+    fn mlp(&self, xs: &Tensor) -> Result<Tensor> {
         let act = Some(self.cfg.hidden_act);
-        let h = self
-            .c_fc
-            .forward_with(&self.ln_2.forward(&xs)?, act, None)?;
-        self.c_proj.forward_with(&h, None, Some(&xs))
+        let h = self.c_fc.forward_with(&self.ln_2.forward(xs)?, act, None)?;
+        self.c_proj.forward_with(&h, None, Some(xs))
     }
 
     /// Moves the block's linear layers to a packed kernel (see [`Linear::pack`]).

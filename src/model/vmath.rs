@@ -1,12 +1,18 @@
-//! Row-wise maths of the inference kernels (the attention softmax, the QuickGELU epilogue of
-//! linear layers, layer normalisation) on AVX-512 or AVX2 with FMA: `exp` as a branch-free
+//! Row-wise maths of the inference kernels (the attention softmax, the activations in the
+//! epilogue of linear layers, layer normalisation) on AVX-512 or AVX2 with FMA: `exp` and `erf`
+//! as branch-free
 //! polynomial the compiler turns into 16- or 8-lane vector code, sums and maxima kept in 64
 //! partial lanes (the same summation order on both, so both give the same bits). CPUs with
 //! neither keep the scalar code of [`super::nn::activation_value`] and `f32::exp` (and the
 //! same layer-norm code, unvectorised).
 //!
 //! The polynomial `exp` is within 2 ulp of the correctly rounded value over the f32 range
-//! (Cody-Waite reduction by ln 2, a degree-6 minimax polynomial on [-ln2/2, ln2/2]).
+//! (Cody-Waite reduction by ln 2, a degree-6 minimax polynomial on [-ln2/2, ln2/2]). The
+//! polynomial `erf` is within 1.4e-7 of the exact value (about 2 ulp where it is largest, near
+//! 0.84), against libm's `erff` that the composed GELU uses: a degree-6 polynomial in x² on
+//! [0, 1], then `1 - e^(-x²) Q(x)` with a degree-10 polynomial `Q` fitted to `erfc(x) e^(x²)` on
+//! [1, 3.92], beyond which `erf` rounds to 1. All three polynomials are weighted least-squares
+//! fits on Chebyshev nodes.
 
 #![expect(
     unsafe_code,
@@ -55,6 +61,54 @@ fn exp(x: f32) -> f32 {
     }
 }
 
+/// `erf(x) / x` on [0, 1] as a polynomial in x², highest power first.
+const ERF_SMALL: [f32; 7] = [
+    7.898_21e-5,
+    -8.024_354e-4,
+    0.005_190_053_5,
+    -0.026_854_81,
+    0.112_836_12,
+    -0.376_126_3,
+    // The fit's constant term is erf'(0) to f32 precision.
+    std::f32::consts::FRAC_2_SQRT_PI,
+];
+
+/// `erfc(x) e^(x²)` on [1, 3.92] as a polynomial in `x - 2`, highest power first.
+const ERFC_SCALED: [f32; 11] = [
+    1.651_977_2e-6,
+    -1.451_199_8e-5,
+    6.126_359e-5,
+    -1.934_101_9e-4,
+    5.912_467e-4,
+    -0.001_824_021,
+    0.005_439_221_4,
+    -0.015_462_962,
+    0.041_803_3,
+    -0.106_796_27,
+    0.255_395_65,
+];
+
+/// Beyond this, `erf` rounds to ±1 in f32.
+const ERF_ONE: f32 = 3.92;
+
+/// A polynomial at `x` by Horner's rule, coefficients highest power first.
+#[inline(always)]
+fn horner<const N: usize>(x: f32, coeffs: &[f32; N]) -> f32 {
+    coeffs[1..].iter().fold(coeffs[0], |p, &c| p.mul_add(x, c))
+}
+
+/// `erf(x)` from polynomials (see the module doc); ±1 for infinities and, since the only
+/// caller multiplies by `x`, also for NaN.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let small = a * horner(a * a, &ERF_SMALL);
+    let c = a.min(ERF_ONE);
+    let large = 1.0 - exp(-(c * c)) * horner(c - 2.0, &ERFC_SCALED);
+    let r = if a <= 1.0 { small } else { large };
+    r.copysign(x)
+}
+
 /// `2^e` for an integral `e` in [-126, 127], by integer arithmetic on the bits: adding
 /// 1.5 · 2^23 leaves `e` in the low mantissa bits.
 #[inline(always)]
@@ -87,18 +141,62 @@ fn path() -> Path {
     Path::Scalar
 }
 
-/// QuickGELU in place: `x · sigmoid(1.702 x)`.
-pub fn quick_gelu(xs: &mut [f32]) {
+/// An activation in place: QuickGELU `x · sigmoid(1.702 x)`, or the exact GELU
+/// `0.5 x (1 + erf(x / sqrt 2))` (within 1e-7 · |x| of libm's `erff` in it, see the module doc).
+pub fn activate(xs: &mut [f32], act: Activation) {
+    #[cfg(target_arch = "x86_64")]
+    match (path(), act) {
+        // SAFETY (all four): the CPU has AVX-512F or AVX2, and FMA, as `path` found.
+        (Path::Avx512, Activation::QuickGelu) => return unsafe { avx512::quick_gelu(xs) },
+        (Path::Avx512, Activation::Gelu) => return unsafe { avx512::gelu(xs) },
+        (Path::Avx2, Activation::QuickGelu) => return unsafe { avx2::quick_gelu(xs) },
+        (Path::Avx2, Activation::Gelu) => return unsafe { avx2::gelu(xs) },
+        (Path::Scalar, _) => {}
+    }
+    xs.iter_mut().for_each(|x| *x = activation_value(act, *x));
+}
+
+/// The epilogue of a linear layer on one row of its output, in place:
+/// `out = act(out + bias) + residual`, each step only where given.
+///
+/// Panics (a caller bug, not input) when `bias` or `residual` is not as long as `out`.
+pub fn finish(
+    out: &mut [f32],
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+    residual: Option<&[f32]>,
+) {
+    let n = out.len();
+    for (what, len) in [
+        ("bias", bias.map(<[f32]>::len)),
+        ("residual", residual.map(<[f32]>::len)),
+    ] {
+        assert!(
+            len.is_none_or(|len| len == n),
+            "{what} of {len:?} values for {n}"
+        );
+    }
     #[cfg(target_arch = "x86_64")]
     match path() {
         // SAFETY: the CPU has AVX-512F and FMA.
-        Path::Avx512 => return unsafe { avx512::quick_gelu(xs) },
+        Path::Avx512 => return unsafe { avx512::finish(out, bias, act, residual) },
         // SAFETY: the CPU has AVX2 and FMA.
-        Path::Avx2 => return unsafe { avx2::quick_gelu(xs) },
+        Path::Avx2 => return unsafe { avx2::finish(out, bias, act, residual) },
         Path::Scalar => {}
     }
-    xs.iter_mut()
-        .for_each(|x| *x = activation_value(Activation::QuickGelu, *x));
+    add(out, bias);
+    if let Some(act) = act {
+        activate(out, act);
+    }
+    add(out, residual);
+}
+
+/// Adds `ys` (if given) to `xs`, element-wise.
+#[inline(always)]
+fn add(xs: &mut [f32], ys: Option<&[f32]>) {
+    if let Some(ys) = ys {
+        xs.iter_mut().zip(ys).for_each(|(x, y)| *x += y);
+    }
 }
 
 /// Adds the additive `mask` (same length) if given, then a softmax in place:
@@ -164,6 +262,29 @@ fn softmax_scalar(row: &mut [f32], mask: Option<&[f32]>) {
 fn quick_gelu_body(xs: &mut [f32]) {
     for x in xs.iter_mut() {
         *x /= exp(-1.702 * *x) + 1.0;
+    }
+}
+
+#[inline(always)]
+fn finish_body(
+    out: &mut [f32],
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+    residual: Option<&[f32]>,
+) {
+    add(out, bias);
+    match act {
+        Some(Activation::QuickGelu) => quick_gelu_body(out),
+        Some(Activation::Gelu) => gelu_body(out),
+        None => {}
+    }
+    add(out, residual);
+}
+
+#[inline(always)]
+fn gelu_body(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x = (erf(*x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *x;
     }
 }
 
@@ -269,6 +390,25 @@ macro_rules! vector_paths {
             /// # Safety
             #[doc = $cpu]
             #[target_feature(enable = $features)]
+            pub(super) unsafe fn finish(
+                out: &mut [f32],
+                bias: Option<&[f32]>,
+                act: Option<super::Activation>,
+                residual: Option<&[f32]>,
+            ) {
+                super::finish_body(out, bias, act, residual);
+            }
+
+            /// # Safety
+            #[doc = $cpu]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn gelu(xs: &mut [f32]) {
+                super::gelu_body(xs);
+            }
+
+            /// # Safety
+            #[doc = $cpu]
+            #[target_feature(enable = $features)]
             pub(super) unsafe fn softmax(row: &mut [f32], mask: Option<&[f32]>) {
                 super::softmax_body(row, mask);
             }
@@ -333,7 +473,7 @@ mod tests {
             .map(|&x| activation_value(Activation::QuickGelu, x))
             .collect();
         let input = xs.clone();
-        quick_gelu(&mut xs);
+        activate(&mut xs, Activation::QuickGelu);
         #[cfg(target_arch = "x86_64")]
         if path() == Path::Avx512 {
             let mut narrow = input;
@@ -352,6 +492,58 @@ mod tests {
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "got {g}, want {w}"
             );
+        }
+    }
+
+    #[test]
+    fn erf_is_within_its_bound_of_f64() {
+        let mut worst = 0f64;
+        let mut x = -6.0f32;
+        while x < 6.0 {
+            let want = candle_core::cpu::erf::erf_f64(x as f64);
+            worst = worst.max((erf(x) as f64 - want).abs());
+            x += 0.000_13;
+        }
+        assert!(worst < 1.4e-7, "worst error {worst:e}");
+        assert_eq!(erf(0.0), 0.0);
+        assert_eq!(erf(f32::INFINITY), 1.0);
+        assert_eq!(erf(f32::NEG_INFINITY), -1.0);
+        assert_eq!(erf(1e-30), 1.128_379_2e-30);
+    }
+
+    #[test]
+    fn gelu_matches_scalar_and_both_widths_agree() {
+        let mut xs: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) * 0.0037).collect();
+        xs.extend([60.0, -60.0, 5.5, -5.5, 0.0, -0.0, f32::INFINITY, f32::NAN]);
+        let want: Vec<f32> = xs
+            .iter()
+            .map(|&x| activation_value(Activation::Gelu, x))
+            .collect();
+        let input = xs.clone();
+        activate(&mut xs, Activation::Gelu);
+        #[cfg(target_arch = "x86_64")]
+        if path() == Path::Avx512 {
+            let mut narrow = input.clone();
+            assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+            // SAFETY: the CPU has AVX2 and FMA, asserted above.
+            unsafe { avx2::gelu(&mut narrow) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&xs),
+                bits(&narrow),
+                "both vector widths give the same bits"
+            );
+        }
+        for (&x, (g, w)) in input.iter().zip(xs.iter().zip(&want)) {
+            if w.is_nan() || w.is_infinite() {
+                assert!(
+                    g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan(),
+                    "GELU of {x}"
+                );
+                continue;
+            }
+            let bound = 1e-7 * x.abs().max(1.0) + f32::EPSILON * w.abs();
+            assert!((g - w).abs() <= bound, "GELU of {x}: got {g}, want {w}");
         }
     }
 
