@@ -245,7 +245,7 @@ unsafe fn matmul_with(
                 });
         });
     // SAFETY: the blocks tile the rows × out_dim output and each wrote every value of its
-    // block (see `Sink::write`).
+    // block (see `run_block`).
     unsafe { out.set_len(len) };
     out
 }
@@ -337,8 +337,16 @@ unsafe fn run_block(
     let (mr, nr, k) = (w.isa.mr(), w.isa.nr(), w.in_dim);
     let tile_len = k.next_multiple_of(GROUP) * mr;
     let (tiles, panels) = (block.rows.div_ceil(mr), block.cols.div_ceil(nr));
-    let ldc = panels * nr;
-    sums.resize(tiles * mr * ldc, 0.0);
+    // Whole panels sum straight into the output (the kernel touches only a tile's live
+    // rows); a block that ends in a partial panel sums into `sums` and is copied.
+    let direct = block.cols.is_multiple_of(nr);
+    let (base, ldc) = if direct {
+        // SAFETY: the block's first value lies in the output (the caller's contract).
+        (unsafe { sink.at(block.row, block.col) }, sink.stride)
+    } else {
+        sums.resize(tiles * mr * panels * nr, 0.0);
+        (sums.as_mut_ptr(), panels * nr)
+    };
     let kc_max = w.isa.kc();
     for p in (0..k.max(1)).step_by(kc_max) {
         let kc = (k - p.min(k)).min(kc_max);
@@ -351,18 +359,28 @@ unsafe fn run_block(
                     rows: (block.rows - i * mr).min(mr),
                     b: panel.as_ptr(),
                     kc,
-                    c: sums[i * mr * ldc + j * nr..].as_mut_ptr(),
+                    // SAFETY: the tile's live rows × nr values lie in the block (whole
+                    // panels) or in `sums`.
+                    c: unsafe { base.add(i * mr * ldc + j * nr) },
                     ldc,
                     accumulate: p > 0,
                 };
                 // SAFETY: `a` holds kc steps of mr activations (in whole groups) and `b` kc × nr
-                // weights; `c` is an mr × nr tile of `sums`; `kernel` fits `w.isa`.
+                // weights; `c` reaches the tile's live rows of nr sums, `ldc` apart, written
+                // by the first slice before later ones read them; `kernel` fits `w.isa`.
                 unsafe { kernel(w.isa, &tile) };
             }
         }
     }
-    // SAFETY: forwarded from the caller; `sums` holds the block's rows, `ldc` apart.
-    unsafe { sink.write(sums, ldc, block) };
+
+    // SAFETY: forwarded from the caller; every value of the block is now written, in the
+    // output or in `sums` (the block's rows, `ldc` apart).
+    unsafe {
+        if !direct {
+            sink.store(sums, ldc, block);
+        }
+        sink.finish(block);
+    }
 }
 
 /// Runs `isa`'s microkernel on one tile.
