@@ -21,9 +21,8 @@
 //! wait between slices in the output itself (in a per-task buffer when the block ends in a
 //! partial panel); after the last slice the shared epilogue (bias, activation, residual)
 //! finishes the block in place: the output is never zero-filled first. The block and slice
-//! sizes were the fastest of a sweep at ViT-B
-//! shapes (577 rows, 768 to 3072 features) on a 2-core AVX2 machine, and stayed among the
-//! fastest on a 2-core Xeon with AVX-512.
+//! sizes were the fastest of a sweep at ViT-B shapes (577 rows, 768 to 3072 features) on a
+//! 2-core AVX2 machine, and stayed among the fastest on a 2-core Xeon with AVX-512.
 //!
 //! [`Isa::detect`] picks the microkernel: AVX-512F (12 × 32 tiles) or AVX2 with FMA
 //! (6 × 16). On other CPUs nothing here runs and linear layers keep candle's matmul.
