@@ -346,8 +346,11 @@ impl Attend {
         let (lq, lk, w) = (q.len, k.len, self.width);
         let hd = w / self.heads;
         let col = h * hd;
-        scores.clear();
-        scores.resize(lq * lk, 0.0);
+        // The product overwrites every score, so a buffer that is long enough is not cleared.
+        if scores.len() < lq * lk {
+            scores.resize(lq * lk, 0.0);
+        }
+        let scores = &mut scores[..lq * lk];
         let logits = Product {
             m: lq,
             n: lk,
