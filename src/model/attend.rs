@@ -21,7 +21,7 @@
 //! the softmax (4 %) could still be fused into the score tiles while they are in registers.
 //! In bf16, a task whose keys are its own and whose queries are few (a text's co-attention
 //! over one candidate image) packs as many values as it multiplies: on the Xeon the bf16 rerank
-//! ran 2.0–2.2× our f32, against 2.3–3.0× for the vision encoder.
+//! runs 2.2–2.3× our f32, against 2.4–2.9× for the vision encoder.
 
 #![expect(
     unsafe_code,
