@@ -832,6 +832,31 @@ mod tests {
     }
 
     #[test]
+    fn row_slices_never_exceed_a_limit_that_is_not_whole_tiles() -> Result<()> {
+        for (rows, limit) in [(79, 40), (11, 10), (100, 1), (700, 300)] {
+            let xs = Tensor::zeros((rows, 2), DType::F32, &Device::Cpu)?;
+            let calls = std::cell::RefCell::new(Vec::new());
+            let f = |x: &Tensor| {
+                calls.borrow_mut().push(x.dim(0)?);
+                Ok(x.clone())
+            };
+            by_row_slices(&xs, limit, f)?;
+            let calls = calls.into_inner();
+            assert_eq!(calls.iter().sum::<usize>(), rows);
+            assert_eq!(
+                calls.len(),
+                rows.div_ceil(limit),
+                "{rows} by {limit}: {calls:?}"
+            );
+            assert!(
+                calls.iter().all(|&n| n <= limit),
+                "{rows} by {limit}: {calls:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
     fn l2_normalize_gives_unit_rows() -> Result<()> {
         let xs = Tensor::new(&[[3f32, 4.0], [0.0, 2.0]], &Device::Cpu)?;
         let n = l2_normalize(&xs)?.to_vec2::<f32>()?;
