@@ -237,8 +237,9 @@ pub const FFN_SLICE_ROWS: usize = 384;
 
 /// `f` over slices of the rows of `xs` (…, in), joined into (…, out): whole when it has at
 /// most `slice_rows` rows, otherwise in as few slices of at most `slice_rows` rows as
-/// possible, of equal size rounded up to whole 32-row tiles (the last one shorter). `f` maps
-/// (n, in) rows to (n, out) rows, each row on its own. Errors are `f`'s and the shapes'.
+/// possible, of equal size rounded up to whole 32-row tiles where that stays within
+/// `slice_rows` (the last one may be shorter). `f` maps (n, in) rows to (n, out) rows, each
+/// row on its own. Errors are `f`'s and the shapes'.
 pub fn by_row_slices(
     xs: &Tensor,
     slice_rows: usize,
@@ -247,12 +248,13 @@ pub fn by_row_slices(
     let dims = xs.dims().to_vec();
     let in_dim = dims.last().copied().unwrap_or(1).max(1);
     let rows = xs.elem_count() / in_dim;
-    if rows <= slice_rows.max(1) {
+    let limit = slice_rows.max(1);
+    if rows <= limit {
         return f(xs);
     }
 
-    let count = rows.div_ceil(slice_rows.max(1));
-    let size = rows.div_ceil(count).next_multiple_of(32);
+    let count = rows.div_ceil(limit);
+    let size = rows.div_ceil(count).next_multiple_of(32).min(limit);
     let flat = xs.reshape((rows, in_dim))?;
     let parts = (0..rows)
         .step_by(size)
