@@ -7,20 +7,20 @@
 //! consumes. Activations arrive in f32 and are rounded to bf16 (nearest even) per call.
 //! A register-blocked microkernel computes [`MR`] × [`NR`] output tiles over the whole
 //! reduction; rayon spreads tiles over threads. Bias, activation and a residual are applied
-//! to each tile while it is still in cache (on the tile unit, to each task's block once it is
-//! complete; see below).
+//! to each tile while it is still in cache (on the tile unit, once per work item, see below).
 //!
 //! With AMX (AMX-TILE and AMX-BF16, and a Linux kernel that grants the process the tile
 //! state), layers whose input width is a multiple of 32 run on the tile unit instead: the
 //! packed panels are already the layout `tdpbf16ps` reads (pairs of inputs side by side per
 //! column), so the same weights serve both kernels. One block is 32 rows × [`NR`] columns in
-//! four accumulator tiles, fed by two activation tiles and two weight tiles per 32 inputs.
-//! Whole blocks are stored straight into the output, and the epilogue runs once per task
-//! block over rows of its full width. Run per 32 × 32 block right after the stores, it waited
-//! on them and paid a call per 32 values: it took 19 % of a profile of the bf16 rerank of 16
-//! candidates, against 30 % for the tile products, and the rerank ran 17 % faster with the
-//! epilogue per task block. The tile unit does 16 times the multiply-adds per cycle of `vdpbf16ps`; on CPUs that
-//! have both, `vdpbf16ps` is no faster than f32 FMAs, so AMX is what makes bf16 pay.
+//! four accumulator tiles, fed by two activation tiles and two weight tiles per 32 inputs,
+//! stored straight into the output (through a buffer at a partial edge); bias, activation
+//! and residual are applied in place once the work item's block is complete, over rows of its
+//! full width. Run per 32 × 32 block right after the stores, the epilogue waited on them and
+//! paid a call per 32 values: it took 19 % of a profile of the bf16 rerank of 16 candidates,
+//! against 30 % for the tile products, and the rerank ran 17 % faster once per work item. The
+//! tile unit does 16 times the multiply-adds per cycle of `vdpbf16ps`; on CPUs that have both,
+//! `vdpbf16ps` is no faster than f32 FMAs, so AMX is what makes bf16 pay.
 //!
 //! [`attend_head`] runs both products of one attention head on the same drivers: the scaled
 //! queries and the probabilities are rounded like activations, the keys and the values are

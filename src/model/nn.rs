@@ -237,8 +237,9 @@ pub const FFN_SLICE_ROWS: usize = 384;
 
 /// `f` over slices of the rows of `xs` (…, in), joined into (…, out): whole when it has at
 /// most `slice_rows` rows, otherwise in as few slices of at most `slice_rows` rows as
-/// possible, of equal size rounded up to whole 32-row tiles (the last one shorter). `f` maps
-/// (n, in) rows to (n, out) rows, each row on its own. Errors are `f`'s and the shapes'.
+/// possible, of equal size rounded up to whole 32-row tiles where that stays within
+/// `slice_rows` (the last one may be shorter). `f` maps (n, in) rows to (n, out) rows, each
+/// row on its own. Errors are `f`'s and the shapes'.
 pub fn by_row_slices(
     xs: &Tensor,
     slice_rows: usize,
@@ -247,12 +248,13 @@ pub fn by_row_slices(
     let dims = xs.dims().to_vec();
     let in_dim = dims.last().copied().unwrap_or(1).max(1);
     let rows = xs.elem_count() / in_dim;
-    if rows <= slice_rows.max(1) {
+    let limit = slice_rows.max(1);
+    if rows <= limit {
         return f(xs);
     }
 
-    let count = rows.div_ceil(slice_rows.max(1));
-    let size = rows.div_ceil(count).next_multiple_of(32);
+    let count = rows.div_ceil(limit);
+    let size = rows.div_ceil(count).next_multiple_of(32).min(limit);
     let flat = xs.reshape((rows, in_dim))?;
     let parts = (0..rows)
         .step_by(size)
@@ -826,6 +828,31 @@ mod tests {
             assert!(
                 full.iter().all(|&n| n % 32 == 0 && n == calls[0]),
                 "{calls:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn row_slices_never_exceed_a_limit_that_is_not_whole_tiles() -> Result<()> {
+        for (rows, limit) in [(79, 40), (11, 10), (100, 1), (700, 300)] {
+            let xs = Tensor::zeros((rows, 2), DType::F32, &Device::Cpu)?;
+            let calls = std::cell::RefCell::new(Vec::new());
+            let f = |x: &Tensor| {
+                calls.borrow_mut().push(x.dim(0)?);
+                Ok(x.clone())
+            };
+            by_row_slices(&xs, limit, f)?;
+            let calls = calls.into_inner();
+            assert_eq!(calls.iter().sum::<usize>(), rows);
+            assert_eq!(
+                calls.len(),
+                rows.div_ceil(limit),
+                "{rows} by {limit}: {calls:?}"
+            );
+            assert!(
+                calls.iter().all(|&n| n <= limit),
+                "{rows} by {limit}: {calls:?}"
             );
         }
         Ok(())

@@ -46,7 +46,7 @@ pub(crate) struct Sink<'a> {
 
 impl Sink<'_> {
     /// Writes `act(tile + bias) + residual` for `span`, reading the tile row-major with
-    /// `stride` values per row. Only writes the output; never reads it.
+    /// `stride` values per row: [`Self::store`], then [`Self::finish`] in place.
     ///
     /// # Safety
     /// `span` lies within the output behind `dst`, which no other thread writes there.

@@ -319,7 +319,8 @@ struct Tile {
     /// `kc` × `nr` packed weights.
     b: *const f32,
     kc: usize,
-    /// First sum of the tile: `mr` rows of `nr`, `ldc` apart.
+    /// First sum of the tile: its first `rows` rows of `nr`, `ldc` apart (the rows past
+    /// them may lie outside the buffer and are never touched).
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -576,7 +577,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; the tile's pointers reach `kc` steps of 6 values of `a` (in
-    /// whole groups), `kc` × 16 of `b` and 6 rows of 16 sums.
+    /// whole groups), `kc` × 16 of `b` and the tile's live rows of 16 sums.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_avx2(t: &Tile) {
         // SAFETY: forwarded from the caller.
@@ -587,7 +588,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX-512F; the tile's pointers reach `kc` steps of 12 values of `a` (in whole
-    /// groups), `kc` × 32 of `b` and 12 rows of 32 sums.
+    /// groups), `kc` × 32 of `b` and the tile's live rows of 32 sums.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_avx512(t: &Tile) {
         // SAFETY: forwarded from the caller.
@@ -599,7 +600,8 @@ mod x86 {
     /// partial last tile of rows (one row while decoding) costs only its own rows.
     ///
     /// # Safety
-    /// As the callers above, for `MR` rows and `NV · L::WIDTH` columns.
+    /// As the callers above, for `MR` rows of activations, `ROWS` rows of sums and
+    /// `NV · L::WIDTH` columns.
     #[inline(always)]
     unsafe fn tile<L: Lanes, const MR: usize, const ROWS: usize, const NV: usize>(t: &Tile) {
         let width = NV * L::WIDTH;

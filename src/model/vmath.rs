@@ -1,10 +1,9 @@
 //! Row-wise maths of the inference kernels (the attention softmax, the activations in the
 //! epilogue of linear layers, layer normalisation) on AVX-512 or AVX2 with FMA: `exp` and `erf`
-//! as branch-free
-//! polynomial the compiler turns into 16- or 8-lane vector code, sums and maxima kept in 64
-//! partial lanes (the same summation order on both, so both give the same bits). CPUs with
-//! neither keep the scalar code of [`super::nn::activation_value`] and `f32::exp` (and the
-//! same layer-norm code, unvectorised).
+//! as branch-free polynomials the compiler turns into 16- or 8-lane vector code, sums and
+//! maxima kept in 64 partial lanes (the same summation order on both, so both give the same
+//! bits). CPUs with neither keep the scalar code of [`super::nn::activation_value`] and
+//! `f32::exp` (and the same layer-norm code, unvectorised).
 //!
 //! The polynomial `exp` is within 2 ulp of the correctly rounded value over the f32 range
 //! (Cody-Waite reduction by ln 2, a degree-6 minimax polynomial on [-ln2/2, ln2/2]). The
