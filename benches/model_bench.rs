@@ -62,6 +62,10 @@ fn parse_args() -> Args {
             _ => {}
         }
     }
+    assert!(
+        !(args.f32_only && args.bf16_only),
+        "--f32 and --bf16 exclude each other"
+    );
     args
 }
 
@@ -377,21 +381,27 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Prints `rows`, each against the f32 row of the same case in `f32_rows` (cycled); without
+/// f32 rows the last column is empty.
 fn print_table(rows: &[Row], f32_rows: &[Row], peak: f64) {
     println!(
         "{:<26} {:>10} {:>10} {:>10} {:>9} {:>7} {:>8}",
         "case", "ms", "cpu ms", "items/s", "GFLOP/s", "% peak", "vs f32"
     );
-    for (r, base) in rows.iter().zip(f32_rows.iter().cycle()) {
+    let mut bases = f32_rows.iter().cycle();
+    for r in rows {
+        let ratio = bases.next().map_or("-".to_string(), |b| {
+            format!("{:.2}x", b.seconds / r.seconds)
+        });
         println!(
-            "{:<26} {:>10.1} {:>10.1} {:>10.3} {:>9.1} {:>7.1} {:>7.2}x",
+            "{:<26} {:>10.1} {:>10.1} {:>10.3} {:>9.1} {:>7.1} {:>8}",
             r.name,
             r.seconds * 1e3,
             r.cpu_seconds * 1e3,
             r.per_second,
             r.gflops(),
             100.0 * r.gflops() / peak,
-            base.seconds / r.seconds
+            ratio
         );
     }
 }
@@ -443,7 +453,7 @@ fn main() {
     }
     println!("load average after: {}", load_average());
     let Some(full) = full else {
-        print_table(&rows, &rows, peak);
+        print_table(&rows, &[], peak);
         return;
     };
     let f32_len = full.rows.len();

@@ -225,6 +225,7 @@ impl BertFeedForward {
         self.forward_rows(xs)
     }
 
+    /// `LN(x + W2·act(W1·x))` on all rows of `xs` at once.
     fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.intermediate.forward_with(xs, Some(self.act), None)?;
         self.norm

@@ -346,55 +346,97 @@ unsafe fn run_block(
     sums: &mut Vec<f32>,
     kernel: Kernel,
 ) {
-    let (mr, nr, k) = (w.isa.mr(), w.isa.nr(), w.in_dim);
-    let tile_len = k.next_multiple_of(GROUP) * mr;
-    let (tiles, panels) = (block.rows.div_ceil(mr), block.cols.div_ceil(nr));
-    // Whole panels sum straight into the output (the kernel touches only a tile's live
-    // rows); a block that ends in a partial panel sums into `sums` and is copied.
-    let direct = block.cols.is_multiple_of(nr);
-    let (base, ldc) = if direct {
-        // SAFETY: the block's first value lies in the output (the caller's contract).
-        (unsafe { sink.at(block.row, block.col) }, sink.stride)
-    } else {
-        sums.resize(tiles * mr * panels * nr, 0.0);
-        (sums.as_mut_ptr(), panels * nr)
-    };
-    let kc_max = w.isa.kc();
-    for p in (0..k.max(1)).step_by(kc_max) {
-        let kc = (k - p.min(k)).min(kc_max);
-        for i in 0..tiles {
-            let a = &xs[i * tile_len + p * mr..][..kc.next_multiple_of(GROUP) * mr];
-            for j in 0..panels {
-                let panel = &w.panels[(block.col / nr + j) * k * nr + p * nr..][..kc * nr];
-                let ahead = share(next_slice(w, block.col / nr + j, p + kc_max), i, tiles);
-                let tile = Tile {
-                    a: a.as_ptr(),
-                    rows: (block.rows - i * mr).min(mr),
-                    b: panel.as_ptr(),
-                    kc,
-                    // SAFETY: the tile's live rows × nr values lie in the block (whole
-                    // panels) or in `sums`.
-                    c: unsafe { base.add(i * mr * ldc + j * nr) },
-                    ldc,
-                    accumulate: p > 0,
-                    ahead: ahead.as_ptr(),
-                    ahead_lines: ahead.len().div_ceil(LINE),
-                };
-                // SAFETY: `a` holds kc steps of mr activations (in whole groups) and `b` kc × nr
-                // weights; `c` reaches the tile's live rows of nr sums, `ldc` apart, written
-                // by the first slice before later ones read them; `kernel` fits `w.isa`.
-                unsafe { kernel(w.isa, &tile) };
-            }
-        }
+    // SAFETY: forwarded from the caller.
+    let dest = unsafe { Sums::for_block(w, block, sink, sums) };
+    for p in (0..w.in_dim.max(1)).step_by(w.isa.kc()) {
+        // SAFETY: forwarded from the caller; `dest` reaches the block's sums.
+        unsafe { run_slice(xs, w, block, &dest, p, kernel) };
     }
 
     // SAFETY: forwarded from the caller; every value of the block is now written, in the
-    // output or in `sums` (the block's rows, `ldc` apart).
+    // output or in `sums` (the block's rows, `dest.ldc` apart).
     unsafe {
-        if !direct {
-            sink.store(sums, ldc, block);
+        if !dest.direct {
+            sink.store(sums, dest.ldc, block);
         }
         sink.finish(block);
+    }
+}
+
+/// Where a block's sums accumulate: whole panels straight in the output (the kernel touches
+/// only a tile's live rows), a block that ends in a partial panel in a task buffer, copied to
+/// the output at the end.
+struct Sums {
+    /// The block's first sum.
+    base: *mut f32,
+    /// Values from one row of sums to the next.
+    ldc: usize,
+    /// Whether `base` points into the output.
+    direct: bool,
+}
+
+impl Sums {
+    /// # Safety
+    /// `block` lies within the output behind `sink.dst`.
+    unsafe fn for_block(w: &PackedF32, block: &Span, sink: &Sink, sums: &mut Vec<f32>) -> Self {
+        let (mr, nr) = (w.isa.mr(), w.isa.nr());
+        if block.cols.is_multiple_of(nr) {
+            return Self {
+                // SAFETY: the block's first value lies in the output (the caller's contract).
+                base: unsafe { sink.at(block.row, block.col) },
+                ldc: sink.stride,
+                direct: true,
+            };
+        }
+        let ldc = block.cols.next_multiple_of(nr);
+        sums.resize(block.rows.div_ceil(mr) * mr * ldc, 0.0);
+        Self {
+            base: sums.as_mut_ptr(),
+            ldc,
+            direct: false,
+        }
+    }
+}
+
+/// The reduction slice from step `p` for every tile of the block: overwrites the sums at the
+/// first slice, adds to them after.
+///
+/// # Safety
+/// As for [`run_block`]; `dest` reaches the block's live rows of sums, whole panels wide.
+unsafe fn run_slice(
+    xs: &[f32],
+    w: &PackedF32,
+    block: &Span,
+    dest: &Sums,
+    p: usize,
+    kernel: Kernel,
+) {
+    let (mr, nr, k, kc_max) = (w.isa.mr(), w.isa.nr(), w.in_dim, w.isa.kc());
+    let kc = (k - p.min(k)).min(kc_max);
+    let tile_len = k.next_multiple_of(GROUP) * mr;
+    let (tiles, panels) = (block.rows.div_ceil(mr), block.cols.div_ceil(nr));
+    for i in 0..tiles {
+        let a = &xs[i * tile_len + p * mr..][..kc.next_multiple_of(GROUP) * mr];
+        for j in 0..panels {
+            let panel = &w.panels[(block.col / nr + j) * k * nr + p * nr..][..kc * nr];
+            let ahead = share(next_slice(w, block.col / nr + j, p + kc_max), i, tiles);
+            let tile = Tile {
+                a: a.as_ptr(),
+                rows: (block.rows - i * mr).min(mr),
+                b: panel.as_ptr(),
+                kc,
+                // SAFETY: the tile's first live row lies in the block's sums.
+                c: unsafe { dest.base.add(i * mr * dest.ldc + j * nr) },
+                ldc: dest.ldc,
+                accumulate: p > 0,
+                ahead: ahead.as_ptr(),
+                ahead_lines: ahead.len().div_ceil(LINE),
+            };
+            // SAFETY: `a` holds kc steps of mr activations (in whole groups) and `b` kc × nr
+            // weights; `c` reaches the tile's live rows of nr sums, `ldc` apart, written by
+            // the first slice before later ones read them; `kernel` fits `w.isa`.
+            unsafe { kernel(w.isa, &tile) };
+        }
     }
 }
 

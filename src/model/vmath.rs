@@ -7,11 +7,11 @@
 //!
 //! The polynomial `exp` is within 2 ulp of the correctly rounded value over the f32 range
 //! (Cody-Waite reduction by ln 2, a degree-6 minimax polynomial on [-ln2/2, ln2/2]). The
-//! polynomial `erf` is within 1.4e-7 of the exact value (about 2 ulp where it is largest, near
-//! 0.84), against libm's `erff` that the composed GELU uses: a degree-6 polynomial in x² on
-//! [0, 1], then `1 - e^(-x²) Q(x)` with a degree-10 polynomial `Q` fitted to `erfc(x) e^(x²)` on
-//! [1, 3.92], beyond which `erf` rounds to 1. All three polynomials are weighted least-squares
-//! fits on Chebyshev nodes.
+//! polynomial `erf` (for the exact GELU, where the composed ops call libm's `erff`) is within
+//! 1.4e-7 of the exact value, about 2 ulp where the error is largest, near 0.84: a degree-6
+//! polynomial in x² on [0, 1], then `1 - e^(-x²) Q(x)` with a degree-10 polynomial `Q` fitted
+//! to `erfc(x) e^(x²)` on [1, 3.92], beyond which `erf` rounds to 1. Both `erf` polynomials are
+//! relative-error least-squares fits on Chebyshev nodes.
 
 #![expect(
     unsafe_code,
