@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{hash_of, ids, item, open, request, settings, unit_vectors};
@@ -366,7 +366,10 @@ fn a_replaced_item_stays_visible_to_searches_while_it_is_rewritten() {
     let items = (0..300).map(|i| item(&id(i), vectors[i].clone()));
     collection.upsert(items.collect()).unwrap();
 
+    // The writer goes on past 150 versions until the searcher has run 1000 searches, so
+    // a slow or busy machine still interleaves that many searches with the rewrites.
     let stop = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
     let (searched, missed) = std::thread::scope(|scope| {
         let searcher = scope.spawn(|| {
             let (mut searched, mut missed) = (0usize, Vec::new());
@@ -382,16 +385,20 @@ fn a_replaced_item_stays_visible_to_searches_while_it_is_rewritten() {
                     missed.push((id(i), found));
                 }
                 searched += 1;
+                done.store(searched, Ordering::Relaxed);
             }
             (searched, missed)
         });
-        for version in 1..150u32 {
+        let mut version = 1u32;
+        let searching = || done.load(Ordering::Relaxed) <= 1000 && !searcher.is_finished();
+        while version < 150 || (searching() && version < 10_000) {
             let batch = (0..300).filter(|i| i % 3 == version as usize % 3).map(|i| {
                 let mut rewritten = item(&id(i), vectors[i].clone());
                 rewritten.content_hash = hash_of(&id(i), version);
                 rewritten
             });
             collection.upsert(batch.collect()).unwrap();
+            version += 1;
         }
         stop.store(true, Ordering::Relaxed);
         searcher.join().unwrap()
