@@ -218,7 +218,9 @@ impl RunningServer {
             }
             Ok(())
         })
-        .await
+        .await?;
+        tracing::info!("stopped; graph saved and collection closed");
+        Ok(())
     }
 }
 
