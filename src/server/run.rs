@@ -219,7 +219,7 @@ impl RunningServer {
             Ok(())
         })
         .await?;
-        tracing::info!("stopped; graph saved and collection closed");
+        tracing::info!("stopped; graph saved");
         Ok(())
     }
 }
