@@ -608,6 +608,9 @@ mod amx {
     /// next panel into L2 while they run.
     const AHEAD_BYTES: usize = 512;
 
+    // The kernel's assembly issues eight 64-byte prefetches per step.
+    const _: () = assert!(AHEAD_BYTES == 8 * 64);
+
     /// Row blocks of a panel that prefetch the next one.
     const AHEAD_BLOCKS: usize = (INPUTS / 2) * PANEL_PAIR_BYTES / AHEAD_BYTES;
 

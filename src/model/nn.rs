@@ -587,13 +587,9 @@ impl CustomOp1 for FusedActivation {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = f32_slice(storage, layout, self.name())?;
-        let mut dst = vec![0f32; src.len()];
+        let mut dst = src.to_vec();
         dst.par_chunks_mut(ACTIVATION_CHUNK)
-            .zip(src.par_chunks(ACTIVATION_CHUNK))
-            .for_each(|(d, s)| {
-                d.copy_from_slice(s);
-                super::vmath::activate(d, self.0);
-            });
+            .for_each(|d| super::vmath::activate(d, self.0));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }

@@ -463,6 +463,25 @@ mod tests {
         );
     }
 
+    /// Where the CPU takes the AVX-512 path, asserts that the AVX2 function `narrow` gives
+    /// `wide`'s bits on `input`.
+    #[cfg(target_arch = "x86_64")]
+    fn assert_avx2_agrees(input: &[f32], wide: &[f32], narrow: unsafe fn(&mut [f32])) {
+        if path() != Path::Avx512 {
+            return;
+        }
+        assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+        let mut got = input.to_vec();
+        // SAFETY: the CPU has AVX2 and FMA, asserted above.
+        unsafe { narrow(&mut got) };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(wide),
+            bits(&got),
+            "both vector widths give the same bits"
+        );
+    }
+
     #[test]
     fn quick_gelu_matches_scalar() {
         let mut xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) * 0.037).collect();
@@ -474,18 +493,7 @@ mod tests {
         let input = xs.clone();
         activate(&mut xs, Activation::QuickGelu);
         #[cfg(target_arch = "x86_64")]
-        if path() == Path::Avx512 {
-            let mut narrow = input;
-            assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
-            // SAFETY: the CPU has AVX2 and FMA, asserted above.
-            unsafe { avx2::quick_gelu(&mut narrow) };
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&xs),
-                bits(&narrow),
-                "both vector widths give the same bits"
-            );
-        }
+        assert_avx2_agrees(&input, &xs, avx2::quick_gelu);
         for (g, w) in xs.iter().zip(&want) {
             assert!(
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
@@ -521,18 +529,7 @@ mod tests {
         let input = xs.clone();
         activate(&mut xs, Activation::Gelu);
         #[cfg(target_arch = "x86_64")]
-        if path() == Path::Avx512 {
-            let mut narrow = input.clone();
-            assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
-            // SAFETY: the CPU has AVX2 and FMA, asserted above.
-            unsafe { avx2::gelu(&mut narrow) };
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&xs),
-                bits(&narrow),
-                "both vector widths give the same bits"
-            );
-        }
+        assert_avx2_agrees(&input, &xs, avx2::gelu);
         for (&x, (g, w)) in input.iter().zip(xs.iter().zip(&want)) {
             if w.is_nan() || w.is_infinite() {
                 assert!(
